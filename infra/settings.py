@@ -1,0 +1,592 @@
+"""The stack settings: parsed from plain data into frozen, typed objects, or refused.
+
+`parse_settings` is pure: a mapping of setting name to value in, `Settings` out, or one
+`SettingsError` that lists every problem, each naming the key, the value and what is accepted.
+Secret values are wrapped in `Secret` and never appear in an error message or a repr.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_FILE = PROJECT_DIR / "Pulumi.yaml"
+
+
+class Relay(StrEnum):
+    SES = "ses"
+    SMTP2GO = "smtp2go"
+    DIRECT = "direct"
+
+
+class SpamFilter(StrEnum):
+    SPAMASSASSIN = "spamassassin"
+    RSPAMD = "rspamd"
+
+
+class Image(StrEnum):
+    UBUNTU_24_04 = "ubuntu-24-04-x64"
+    DEBIAN_12 = "debian-12-x64"
+
+
+class DmarcPolicy(StrEnum):
+    NONE = "none"
+    QUARANTINE = "quarantine"
+    REJECT = "reject"
+
+
+class MtaStsMode(StrEnum):
+    NONE = "none"
+    TESTING = "testing"
+    ENFORCE = "enforce"
+
+
+# DigitalOcean regions that offer both droplets and block storage volumes.
+REGIONS = frozenset(
+    {"nyc1", "nyc3", "sfo2", "sfo3", "tor1", "ams3", "fra1", "lon1", "sgp1", "blr1", "syd1", "atl1"}
+)
+
+# Shared-CPU droplet sizes, in MB of memory. The stack needs 1 GB; smaller sizes are refused.
+DROPLET_MEMORY_MB: Mapping[str, int] = {
+    "s-1vcpu-512mb-10gb": 512,
+    "s-1vcpu-1gb": 1024,
+    "s-1vcpu-1gb-amd": 1024,
+    "s-1vcpu-1gb-intel": 1024,
+    "s-1vcpu-2gb": 2048,
+    "s-1vcpu-2gb-amd": 2048,
+    "s-1vcpu-2gb-intel": 2048,
+    "s-2vcpu-2gb": 2048,
+    "s-2vcpu-2gb-amd": 2048,
+    "s-2vcpu-2gb-intel": 2048,
+    "s-2vcpu-4gb": 4096,
+    "s-2vcpu-4gb-amd": 4096,
+    "s-2vcpu-4gb-intel": 4096,
+    "s-4vcpu-8gb": 8192,
+    "s-4vcpu-8gb-amd": 8192,
+    "s-4vcpu-8gb-intel": 8192,
+    "s-8vcpu-16gb": 16384,
+}
+MIN_MEMORY_MB = 1024
+
+# AWS regions with an SES SMTP endpoint (email-smtp.REGION.amazonaws.com).
+SES_REGIONS = frozenset(
+    {
+        "us-east-1", "us-east-2", "us-west-1", "us-west-2", "ca-central-1", "sa-east-1",
+        "af-south-1", "ap-south-1", "ap-south-2", "ap-northeast-1", "ap-northeast-2",
+        "ap-northeast-3", "ap-southeast-1", "ap-southeast-2", "ap-southeast-3", "eu-central-1",
+        "eu-central-2", "eu-west-1", "eu-west-2", "eu-west-3", "eu-south-1", "eu-north-1",
+        "il-central-1", "me-central-1", "me-south-1", "us-gov-east-1", "us-gov-west-1",
+    }
+)  # fmt: skip
+
+# Hash schemes Dovecot verifies; a value without one of these prefixes is taken for plaintext.
+PASSWORD_SCHEMES: Mapping[str, str] = {
+    "{BLF-CRYPT}": "$2",
+    "{ARGON2ID}": "$argon2id$",
+    "{ARGON2I}": "$argon2i$",
+    "{SHA512-CRYPT}": "$6$",
+    "{SHA256-CRYPT}": "$5$",
+}
+
+DEFAULT_QUOTA_MB = 1024
+VOLUME_GB_RANGE = (1, 16384)
+MESSAGE_MB_RANGE = (1, 100)
+ADMIN_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# A DNS label (RFC 1035 letters-digits-hyphen form, as used in host names and selectors).
+LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+LOCAL_PART_RE = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+SSH_KEY_RE = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com"
+    r"|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]{40,}={0,3}( \S.*)?$"
+)
+QUOTA_RE = re.compile(r"^(\d+)([MG])$")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value: it shows as ******** in reprs, messages and plans; `reveal()` reads it."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(********)"
+
+    def __str__(self) -> str:
+        return "********"
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    address: str
+    password_hash: Secret
+    quota_mb: int
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Alias:
+    source: str
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    domain: str
+    host_name: str
+    region: str
+    droplet_size: str
+    image: Image
+    admin_user: str
+    ssh_public_keys: tuple[str, ...]
+    admin_cidrs: tuple[str, ...]
+    allow_ssh_from_anywhere: bool
+    volume_size_gb: int
+    backups: bool
+    relay: Relay
+    ses_region: str
+    smtp2go_username: str
+    smtp2go_password: Secret
+    spam_filter: SpamFilter
+    webmail: bool
+    dkim_selector: str
+    dmarc_policy: DmarcPolicy
+    dmarc_report_address: str
+    mta_sts_mode: MtaStsMode
+    tls_rpt_address: str
+    alert_email: str
+    mailboxes: tuple[Mailbox, ...]
+    aliases: tuple[Alias, ...]
+    message_size_limit_mb: int
+    spamhaus_dqs_key: Secret
+
+    @property
+    def host_label(self) -> str:
+        """The host name relative to the domain (mail for mail.example.org)."""
+        return self.host_name.removesuffix("." + self.domain)
+
+    @property
+    def volume_name(self) -> str:
+        """DigitalOcean volume name; the volume appears at /dev/disk/by-id/scsi-0DO_Volume_<name>."""
+        return "mail-" + self.domain.replace(".", "-")[:58]
+
+
+class SettingsError(ValueError):
+    """Every problem found in a set of stack settings, each a line naming key, value and remedy."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{len(problems)} {noun} in the stack settings:\n{lines}")
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One setting as Pulumi.yaml declares it."""
+
+    name: str
+    type: str
+    description: str
+    secret: bool = False
+    default: Any = None
+    required: bool = True
+
+
+def load_schema(project_file: Path = PROJECT_FILE) -> dict[str, SettingSpec]:
+    """The settings declared in Pulumi.yaml's config: block (the one place they are declared)."""
+    project = yaml.safe_load(project_file.read_text())
+    specs = {}
+    for name, decl in project["config"].items():
+        specs[name] = SettingSpec(
+            name=name,
+            type=decl["type"],
+            description=decl.get("description", ""),
+            secret=decl.get("description", "").startswith("Secret:"),
+            default=decl.get("default"),
+            required="default" not in decl,
+        )
+    return specs
+
+
+def _closest(name: str, candidates: Iterable[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    if not match:
+        match = [c for c in candidates if c.lower() == name.lower()]
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _show(spec: SettingSpec | None, value: Any) -> str:
+    return "(secret, not shown)" if spec is not None and spec.secret else repr(value)
+
+
+def is_domain_name(name: str) -> bool:
+    labels = name.split(".")
+    return (
+        len(name) <= 253
+        and len(labels) >= 2
+        and all(LABEL_RE.match(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
+
+
+def _address_parts(address: str) -> tuple[str, str] | None:
+    local, sep, domain = address.rpartition("@")
+    if not sep or not LOCAL_PART_RE.match(local) or not is_domain_name(domain):
+        return None
+    return local, domain
+
+
+T = TypeVar("T", bound=StrEnum)
+
+
+class _Parser:
+    """Collects problems while reading values, so that one error can list them all."""
+
+    def __init__(self, raw: Mapping[str, Any], schema: Mapping[str, SettingSpec]) -> None:
+        self.raw = raw
+        self.schema = schema
+        self.problems: list[str] = []
+
+    def problem(self, key: str, value: Any, accepted: str) -> None:
+        self.problems.append(f"{key}: {_show(self.schema.get(key), value)} is {accepted}")
+
+    def value(self, key: str) -> Any:
+        spec = self.schema[key]
+        value = self.raw.get(key, spec.default)
+        if value is None:
+            self.problems.append(f"{key}: missing; {spec.description}")
+            return None
+        expected: dict[str, type | tuple[type, ...]] = {
+            "string": str,
+            "integer": int,
+            "boolean": bool,
+            "array": list,
+        }
+        kind = expected[spec.type]
+        if spec.type == "integer" and isinstance(value, bool) or not isinstance(value, kind):
+            self.problem(key, value, f"not a{'n' if spec.type[0] in 'ai' else ''} {spec.type}")
+            return None
+        if spec.type == "array" and not all(isinstance(v, str) for v in value):
+            self.problem(key, value, "not a list of strings")
+            return None
+        return value
+
+    def string(self, key: str) -> str:
+        value = self.value(key)
+        return value.strip() if isinstance(value, str) else ""
+
+    def strings(self, key: str) -> list[str]:
+        value = self.value(key)
+        return [v.strip() for v in value] if isinstance(value, list) else []
+
+    def integer(self, key: str, low: int, high: int) -> int:
+        value = self.value(key)
+        if isinstance(value, int) and not low <= value <= high:
+            self.problem(key, value, f"out of range; accepted: {low} to {high}")
+        return value if isinstance(value, int) else low
+
+    def boolean(self, key: str) -> bool:
+        return bool(self.value(key))
+
+    def choice(self, key: str, enum: type[T]) -> T:
+        value = self.string(key)
+        try:
+            return enum(value)
+        except ValueError:
+            accepted = ", ".join(m.value for m in enum)
+            if key in self.raw or self.schema[key].default is not None:
+                self.problem(key, value, f"not accepted; accepted: {accepted}")
+            return next(iter(enum))
+
+    def one_of(self, key: str, allowed: Iterable[str], what: str) -> str:
+        value = self.string(key)
+        if value and value not in allowed:
+            self.problem(key, value, f"not {what}; accepted: {', '.join(sorted(allowed))}")
+        return value
+
+    def address(self, key: str, value: str, *, in_domain: str | None = None) -> str:
+        parts = _address_parts(value.lower())
+        if parts is None:
+            self.problem(key, value, "not an e-mail address (local@domain.tld)")
+        elif in_domain is not None and parts[1] != in_domain:
+            self.problem(key, value, f"outside the mail domain; accepted: addresses @{in_domain}")
+        return value.lower()
+
+
+def _check_items(
+    parser: _Parser, key: str, items: list[str], check: Callable[[str], str | None]
+) -> None:
+    for i, item in enumerate(items):
+        reason = check(item)
+        if reason:
+            parser.problem(f"{key}[{i}]", item, reason)
+
+
+def _ssh_key_problem(key: str) -> str | None:
+    if SSH_KEY_RE.match(key):
+        return None
+    return "not an OpenSSH public key; accepted: one line like 'ssh-ed25519 AAAA... comment'"
+
+
+def _parse_cidrs(p: _Parser) -> tuple[str, ...]:
+    allow_world = p.boolean("allowSshFromAnywhere")
+    cidrs = p.strings("adminCidrs")
+    if "adminCidrs" in p.raw and not cidrs:
+        p.problem("adminCidrs", cidrs, "empty; SSH would be unreachable. Add your network, e.g. 198.51.100.7/32")
+    out = []
+    for i, text in enumerate(cidrs):
+        key = f"adminCidrs[{i}]"
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            why = "a host address with a prefix" if "host bits" in str(exc) else "not a network"
+            p.problem(key, text, f"{why}; accepted: a CIDR network such as 198.51.100.0/24 or 2001:db8::/48")
+            continue
+        if net.prefixlen == 0 and not allow_world:
+            p.problem(
+                key, text,
+                "open to the whole internet; accepted: a narrower network, or set "
+                "allowSshFromAnywhere: true to opt in",
+            )  # fmt: skip
+        out.append(str(net))
+    return tuple(out)
+
+
+def _parse_quota(text: str) -> int | None:
+    m = QUOTA_RE.match(text.upper())
+    if not m:
+        return None
+    number = int(m.group(1))
+    return number * 1024 if m.group(2) == "G" else number
+
+
+def _parse_password_hashes(p: _Parser) -> dict[str, Secret]:
+    hashes: dict[str, Secret] = {}
+    for i, line in enumerate(p.strings("passwordHashes")):
+        key = f"passwordHashes[{i}]"
+        address, _, value = line.partition(" ")
+        value = value.strip()
+        address = address.lower()
+        if _address_parts(address) is None or not value:
+            p.problems.append(f"{key}: (secret, not shown) is not 'ADDRESS HASH'; accepted: e.g. 'alice@example.org {{BLF-CRYPT}}$2y$05$...'")
+            continue
+        scheme = next((s for s in PASSWORD_SCHEMES if value.startswith(s)), None)
+        if scheme is None:
+            bare = next((s for s, start in PASSWORD_SCHEMES.items() if value.startswith(start)), None)
+            if bare is not None:
+                # A crypt hash without Dovecot's {SCHEME} prefix: add the prefix it implies.
+                scheme, value = bare, bare + value
+        if scheme is None or not value.removeprefix(scheme).startswith(PASSWORD_SCHEMES[scheme]):
+            p.problems.append(
+                f"{key}: the value for {address} (secret, not shown) is not a password hash, it "
+                "looks like plaintext; accepted: a Dovecot hash such as {BLF-CRYPT}$2y$..., "
+                "{ARGON2ID}$argon2id$... or {SHA512-CRYPT}$6$... (make one with: doveadm pw -s BLF-CRYPT)"
+            )
+            continue
+        hashes[address] = Secret(value)
+    return hashes
+
+
+def _parse_mailboxes(p: _Parser, domain: str, hashes: Mapping[str, Secret]) -> tuple[Mailbox, ...]:
+    lines = p.strings("mailboxes")
+    if "mailboxes" in p.raw and not lines:
+        p.problem("mailboxes", lines, "empty; accepted: at least one mailbox, e.g. 'alice@example.org'")
+    mailboxes: list[Mailbox] = []
+    for i, line in enumerate(lines):
+        key = f"mailboxes[{i}]"
+        address, *options = line.split()
+        address = p.address(key, address, in_domain=domain)
+        quota = DEFAULT_QUOTA_MB
+        aliases: tuple[str, ...] = ()
+        for option in options:
+            name, _, value = option.partition("=")
+            if name == "quota" and _parse_quota(value) is not None:
+                quota = _parse_quota(value) or 0
+                if quota == 0:
+                    p.problem(key, option, "a zero quota; accepted: a size such as 500M or 2G")
+            elif name == "aliases" and value:
+                aliases = tuple(p.address(key, a, in_domain=domain) for a in value.split(","))
+            else:
+                p.problem(key, option, "not a mailbox option; accepted: quota=SIZE (e.g. 2G, 500M), aliases=A,B")
+        if address not in hashes and not [q for q in p.problems if q.startswith("passwordHashes")]:
+            p.problems.append(
+                f"{key}: {address} has no password hash; set one with: pulumi config set --secret "
+                f"--path 'passwordHashes[{i}]' '{address} {{BLF-CRYPT}}...'"
+            )
+        mailboxes.append(Mailbox(address, hashes.get(address, Secret("")), quota, aliases))
+    seen: set[str] = set()
+    for box in mailboxes:
+        if box.address in seen:
+            p.problem("mailboxes", box.address, "listed twice; accepted: each address once")
+        seen.add(box.address)
+    for address in set(hashes) - seen:
+        p.problems.append(f"passwordHashes: {address} is not a mailbox; accepted: addresses listed in mailboxes")
+    return tuple(mailboxes)
+
+
+def _parse_aliases(p: _Parser, domain: str, mailboxes: tuple[Mailbox, ...]) -> tuple[Alias, ...]:
+    aliases: list[Alias] = []
+    for i, line in enumerate(p.strings("aliases")):
+        key = f"aliases[{i}]"
+        source, sep, targets = line.partition(":")
+        if not sep or not targets.strip():
+            p.problem(key, line, "not 'SOURCE: TARGET[, TARGET]'; accepted: e.g. 'sales@example.org: alice@example.org'")
+            continue
+        aliases.append(
+            Alias(
+                p.address(key, source.strip(), in_domain=domain),
+                tuple(p.address(key, t.strip()) for t in targets.split(",")),
+            )
+        )
+    for box in mailboxes:
+        aliases.extend(Alias(a, (box.address,)) for a in box.aliases)
+    boxes = {b.address for b in mailboxes}
+    sources: set[str] = set()
+    for alias in aliases:
+        if alias.source in boxes:
+            p.problem("aliases", alias.source, "both a mailbox and an alias; accepted: one or the other")
+        if alias.source in sources:
+            p.problem("aliases", alias.source, "an alias defined twice; accepted: one line per alias, with several targets")
+        sources.add(alias.source)
+    return tuple(aliases)
+
+
+def _default_aliases(settings_aliases: tuple[Alias, ...], boxes: tuple[Mailbox, ...], extra: Iterable[str]) -> tuple[Alias, ...]:
+    """postmaster@, abuse@ (RFC 2142) and the report addresses, pointing at the first mailbox."""
+    if not boxes:
+        return settings_aliases
+    taken = {a.source for a in settings_aliases} | {b.address for b in boxes}
+    domain = boxes[0].address.rpartition("@")[2]
+    wanted = [f"postmaster@{domain}", f"abuse@{domain}", *extra]
+    added = tuple(Alias(a, (boxes[0].address,)) for a in dict.fromkeys(wanted) if a not in taken and a.endswith("@" + domain))
+    return settings_aliases + added
+
+
+def parse_settings(
+    raw: Mapping[str, Any],
+    schema: Mapping[str, SettingSpec] | None = None,
+    encrypted: Iterable[str] | None = None,
+) -> Settings:
+    """Read stack settings (bare keys, e.g. "domain") into `Settings`, or raise `SettingsError`.
+
+    `encrypted` names the keys the stack holds encrypted; when given, a secret setting stored in
+    plain text is refused.
+    """
+    schema = load_schema() if schema is None else schema
+    p = _Parser(raw, schema)
+    for key in raw:
+        if key not in schema:
+            p.problems.append(f"{key}: not a mailroom setting{_closest(key, schema)} (see Pulumi.yaml for every setting)")
+        elif encrypted is not None and schema[key].secret and raw[key] and key not in set(encrypted):
+            p.problems.append(f"{key}: stored in plain text in the stack file; set it again with pulumi config set --secret {key}")
+
+    domain = p.string("domain").lower().rstrip(".")
+    if domain and not is_domain_name(domain):
+        p.problem("domain", domain, "not a domain name; accepted: e.g. example.org")
+    host = p.string("hostName").lower().rstrip(".")
+    if host and not is_domain_name(host):
+        p.problem("hostName", host, "not a host name; accepted: e.g. mail.example.org")
+    elif host and domain and not host.endswith("." + domain):
+        p.problem("hostName", host, f"outside the domain {domain}; accepted: a name under it, e.g. mail.{domain}")
+
+    region = p.one_of("region", REGIONS, "a DigitalOcean region with volumes")
+    size = p.one_of("dropletSize", DROPLET_MEMORY_MB, "a known droplet size")
+    if size in DROPLET_MEMORY_MB and DROPLET_MEMORY_MB[size] < MIN_MEMORY_MB:
+        p.problem("dropletSize", size, "too small for the mail stack; accepted: 1 GB or more, e.g. s-1vcpu-1gb")
+    image = p.choice("image", Image)
+    admin_user = p.string("adminUser")
+    if admin_user and (not ADMIN_USER_RE.match(admin_user) or admin_user == "root"):
+        p.problem("adminUser", admin_user, "not a usable login; accepted: lower case letters, digits, - and _, not root")
+    ssh_keys = p.strings("sshPublicKeys")
+    if "sshPublicKeys" in p.raw and not ssh_keys:
+        p.problem("sshPublicKeys", ssh_keys, "empty; the server would be unreachable. Add your OpenSSH public key")
+    _check_items(p, "sshPublicKeys", ssh_keys, _ssh_key_problem)
+    cidrs = _parse_cidrs(p)
+
+    relay = p.choice("relay", Relay)
+    ses_region = p.string("sesRegion")
+    if relay is Relay.SES and ses_region not in SES_REGIONS:
+        p.problem("sesRegion", ses_region, f"not a region where SES exists; accepted: {', '.join(sorted(SES_REGIONS))}")
+    smtp2go_user = p.string("smtp2goUsername")
+    smtp2go_password = Secret(p.string("smtp2goPassword"))
+    if relay is Relay.SMTP2GO:
+        if not smtp2go_user:
+            p.problems.append("smtp2goUsername: missing; relay smtp2go needs the SMTP2GO SMTP user name")
+        if not smtp2go_password:
+            p.problems.append("smtp2goPassword: missing; relay smtp2go needs it: pulumi config set --secret smtp2goPassword")
+
+    selector = p.string("dkimSelector").lower()
+    if not LABEL_RE.match(selector):
+        p.problem("dkimSelector", selector, "not a DNS label; accepted: letters, digits and inner hyphens, up to 63, e.g. mail or s2026")
+
+    alert = p.address("alertEmail", p.string("alertEmail")) if "alertEmail" in raw else p.string("alertEmail")
+    dmarc_report = p.string("dmarcReportAddress") or f"dmarc-reports@{domain}"
+    dmarc_report = p.address("dmarcReportAddress", dmarc_report)
+    tls_rpt = p.string("tlsRptAddress") or f"tls-reports@{domain}"
+    tls_rpt = p.address("tlsRptAddress", tls_rpt)
+
+    hashes = _parse_password_hashes(p)
+    mailboxes = _parse_mailboxes(p, domain, hashes)
+    aliases = _parse_aliases(p, domain, mailboxes)
+    aliases = _default_aliases(aliases, mailboxes, (dmarc_report, tls_rpt))
+
+    settings = Settings(
+        domain=domain,
+        host_name=host,
+        region=region,
+        droplet_size=size,
+        image=image,
+        admin_user=admin_user,
+        ssh_public_keys=tuple(ssh_keys),
+        admin_cidrs=cidrs,
+        allow_ssh_from_anywhere=p.boolean("allowSshFromAnywhere"),
+        volume_size_gb=p.integer("volumeSizeGb", *VOLUME_GB_RANGE),
+        backups=p.boolean("backups"),
+        relay=relay,
+        ses_region=ses_region,
+        smtp2go_username=smtp2go_user,
+        smtp2go_password=smtp2go_password,
+        spam_filter=p.choice("spamFilter", SpamFilter),
+        webmail=p.boolean("webmail"),
+        dkim_selector=selector,
+        dmarc_policy=p.choice("dmarcPolicy", DmarcPolicy),
+        dmarc_report_address=dmarc_report,
+        mta_sts_mode=p.choice("mtaStsMode", MtaStsMode),
+        tls_rpt_address=tls_rpt,
+        alert_email=alert,
+        mailboxes=mailboxes,
+        aliases=aliases,
+        message_size_limit_mb=p.integer("messageSizeLimitMb", *MESSAGE_MB_RANGE),
+        spamhaus_dqs_key=Secret(p.string("spamhausDqsKey")),
+    )
+    if p.problems:
+        raise SettingsError(p.problems)
+    return settings
+
+
+def decode_config_value(spec: SettingSpec, text: Any) -> Any:
+    """A value as Pulumi hands it to a program (a string; JSON for non-strings) to its YAML type."""
+    import json
+
+    if spec.type == "string" or not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # left as a string: parse_settings names the key and the expected type
