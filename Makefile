@@ -1,0 +1,47 @@
+# mailroom: the two commands of the README are `make lab` and `make test`; both set up
+# everything they need on a fresh Debian machine first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STACK ?= dev
+
+.PHONY: setup setup-python setup-debian test lint typecheck unit plan zone render
+
+setup: setup-debian setup-python
+
+setup-python: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+setup-debian:
+	@missing=$$(grep -v '^#' requirements-debian.txt | xargs -n1 | while read -r p; do \
+	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q 'ok installed' || echo "$$p"; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+lint: setup-python
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup-python
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(VENV)/bin/pytest
+
+# The README's test command: lint, types, and every test.
+test: lint typecheck unit
+
+# Offline commands (no cloud account needed).
+plan: setup-python
+	$(PY) -m infra plan --stack $(STACK)
+
+zone: setup-python
+	$(PY) -m infra zone --stack $(STACK)
+
+render: setup-python
+	$(PY) -m infra render --stack $(STACK) --out out/$(STACK)

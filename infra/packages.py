@@ -1,0 +1,41 @@
+"""The distribution packages each image needs, in one place, by mode."""
+
+from __future__ import annotations
+
+from infra.settings import Image, Settings, SpamFilter
+
+BASE = (
+    "postfix",
+    "dovecot-core",
+    "dovecot-imapd",
+    "dovecot-lmtpd",
+    "dovecot-sieve",
+    "dovecot-managesieved",
+    "unbound",
+    "nginx",
+    "certbot",
+    "python3-certbot-dns-cloudflare",
+    "fail2ban",
+    "nftables",
+    "unattended-upgrades",
+    "ca-certificates",
+    "python3",
+)
+SPAM: dict[SpamFilter, tuple[str, ...]] = {
+    SpamFilter.SPAMASSASSIN: ("opendkim", "opendkim-tools", "spamassassin", "spamd", "spamass-milter"),
+    SpamFilter.RSPAMD: ("rspamd", "redis-server"),
+}
+WEBMAIL = ("roundcube-core", "roundcube-sqlite3", "php-fpm")
+
+# Both images name these packages alike (Ubuntu 24.04 noble and Debian 12 bookworm); an entry
+# here is where a name differs.
+RENAMED: dict[Image, dict[str, str]] = {
+    Image.UBUNTU_24_04: {},
+    Image.DEBIAN_12: {},
+}
+
+
+def packages(settings: Settings) -> tuple[str, ...]:
+    names = BASE + SPAM[settings.spam_filter] + (WEBMAIL if settings.webmail else ())
+    renamed = RENAMED[settings.image]
+    return tuple(renamed.get(n, n) for n in names)
