@@ -61,6 +61,10 @@ class Service:
 class Bundle:
     files: tuple[BundleFile, ...]
     services: tuple[Service, ...] = field(default=())
+    # Distribution packages that must be installed before the files (a mode switch, e.g. to
+    # rspamd, installs its packages) and those that must be absent (SpamAssassin under rspamd).
+    packages: tuple[str, ...] = ()
+    absent_packages: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         """The canonical form sent to the server (sorted, stable: equal bundles, equal text)."""
@@ -68,6 +72,8 @@ class Bundle:
             "version": BUNDLE_VERSION,
             "files": sorted((asdict(f) for f in self.files), key=lambda f: f["path"]),
             "services": [asdict(s) for s in self.services],
+            "packages": sorted(self.packages),
+            "absent_packages": sorted(self.absent_packages),
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
