@@ -1,0 +1,264 @@
+"""The program run offline, under Pulumi's mocks: what `pulumi up` would declare, without a cloud.
+
+`run_program(stack)` merges Pulumi.yaml defaults and Pulumi.<stack>.yaml the way the CLI does,
+hands them to the program as the engine would (strings, secrets flagged), and records every
+resource registration: type, name, parent, inputs (with which of them are secret) and the
+resource options that the default mock monitor does not show (protect, ignore_changes,
+additional_secret_outputs, retain_on_delete, depends_on). The cloud's answers are stand-ins
+with realistic shapes: documentation addresses, generated keys, fake ids. Nothing is sent
+anywhere. The plan command, the tests and the lab all use this one harness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from google.protobuf import json_format
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import settings as runtime_settings
+from pulumi.runtime.config import set_all_config
+from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.sync_await import _sync_await
+
+from infra.settings import Settings, load_schema, parse_settings
+from infra.stack import PROJECT, stack_config
+
+SIG_KEY = "4dabf18193072939515e22adb298388d"
+SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
+
+# Deploy-time facts the mocks answer with: documentation addresses (RFC 5737, RFC 3849).
+DROPLET_IPV4 = "203.0.113.10"
+DROPLET_IPV6 = "2001:db8:10::10"
+NAME_SERVERS = ["ada.ns.cloudflare.com", "bob.ns.cloudflare.com"]
+ACCOUNT_ID = "123456789012"
+
+
+@dataclass
+class Declared:
+    """One resource as the program registered it."""
+
+    urn: str
+    type: str
+    name: str
+    parent: str
+    custom: bool
+    inputs: dict[str, Any]
+    secret_inputs: set[str]
+    state: dict[str, Any] = field(default_factory=dict)
+    protect: bool = False
+    retain_on_delete: bool = False
+    ignore_changes: list[str] = field(default_factory=list)
+    additional_secret_outputs: list[str] = field(default_factory=list)
+    dependencies: list[str] = field(default_factory=list)
+    provider: str = ""
+
+
+@dataclass
+class OfflineRun:
+    stack: str
+    settings: Settings
+    resources: list[Declared]
+    outputs: dict[str, Any]
+    secret_outputs: set[str]
+
+    def of_type(self, type_: str) -> list[Declared]:
+        return [r for r in self.resources if r.type == type_]
+
+    def one(self, type_: str) -> Declared:
+        found = self.of_type(type_)
+        if len(found) != 1:
+            raise LookupError(f"{len(found)} resources of type {type_}, expected one")
+        return found[0]
+
+    def named(self, name: str) -> Declared:
+        for r in self.resources:
+            if r.name == name:
+                return r
+        raise LookupError(name)
+
+
+def _unwrap(value: Any, path: str, secret_paths: set[str]) -> Any:
+    """Plain values from the wire form; records the paths of secret values."""
+    if isinstance(value, dict):
+        if value.get(SIG_KEY) == SECRET_SIG:
+            secret_paths.add(path)
+            return _unwrap(value.get("value"), path, secret_paths)
+        return {k: _unwrap(v, f"{path}.{k}" if path else k, secret_paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap(v, f"{path}[{i}]", secret_paths) for i, v in enumerate(value)]
+    return value
+
+
+def _top_level(paths: set[str]) -> set[str]:
+    return {p.split(".")[0].split("[")[0] for p in paths}
+
+
+def _pem_pair(algorithm: str, bits: int) -> dict[str, str]:
+    if algorithm == "ED25519":
+        key: Any = ed25519.Ed25519PrivateKey.generate()
+        private_openssh = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ).decode()
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        private_openssh = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ).decode()
+    public = key.public_key()
+    return {
+        "privateKeyPem": key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+        "privateKeyOpenssh": private_openssh,
+        "publicKeyPem": public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode(),
+        "publicKeyOpenssh": public.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        ).decode()
+        + "\n",
+    }
+
+
+def _token(seed: str, length: int = 32) -> str:
+    return hashlib.sha256(seed.encode()).hexdigest()[:length]
+
+
+class StandInCloud(pulumi_mocks.Mocks):
+    """What the clouds would answer, with realistic shapes and stand-in values."""
+
+    def new_resource(self, args: pulumi_mocks.MockResourceArgs) -> tuple[str, dict[str, Any]]:
+        state = dict(args.inputs)
+        resource_id = f"{args.name}-id"
+        kind = args.typ
+        if kind == "digitalocean:index/droplet:Droplet":
+            resource_id = "400000001"
+            state |= {"ipv4Address": DROPLET_IPV4, "ipv6Address": DROPLET_IPV6, "status": "active", "urn": "do:droplet:400000001"}
+        elif kind == "digitalocean:index/volume:Volume":
+            resource_id = "0b5f5d6e-0000-4000-8000-" + _token(args.name, 12)
+        elif kind == "digitalocean:index/sshKey:SshKey":
+            digest = hashlib.md5(str(args.inputs.get("publicKey", "")).encode(), usedforsecurity=False).hexdigest()
+            state["fingerprint"] = ":".join(digest[i : i + 2] for i in range(0, 32, 2))
+            resource_id = "41000" + str(len(args.name))
+        elif kind == "tls:index/privateKey:PrivateKey":
+            state |= _pem_pair(str(args.inputs.get("algorithm")), int(args.inputs.get("rsaBits", 2048)))
+        elif kind == "aws:sesv2/emailIdentity:EmailIdentity":
+            domain = args.inputs["emailIdentity"]
+            tokens = [_token(f"{domain}-{i}") for i in range(3)]
+            state |= {
+                "arn": f"arn:aws:ses:us-east-1:{ACCOUNT_ID}:identity/{domain}",
+                "dkimSigningAttributes": {**args.inputs.get("dkimSigningAttributes", {}), "tokens": tokens},
+                "identityType": "DOMAIN",
+            }
+        elif kind == "aws:sesv2/configurationSet:ConfigurationSet":
+            state["arn"] = f"arn:aws:ses:us-east-1:{ACCOUNT_ID}:configuration-set/{args.inputs['configurationSetName']}"
+        elif kind == "aws:sns/topic:Topic":
+            state["arn"] = f"arn:aws:sns:us-east-1:{ACCOUNT_ID}:{args.inputs.get('name', args.name)}"
+        elif kind == "aws:iam/user:User":
+            state["arn"] = f"arn:aws:iam::{ACCOUNT_ID}:user/{args.inputs.get('name')}"
+        elif kind == "aws:iam/accessKey:AccessKey":
+            resource_id = "AKIA" + _token(args.name, 16).upper()
+            state |= {"secret": secrets.token_urlsafe(30), "sesSmtpPasswordV4": "B" + secrets.token_urlsafe(32)}
+        elif kind == "cloudflare:index/apiToken:ApiToken":
+            state["value"] = secrets.token_urlsafe(30)
+        elif kind == "random:index/randomPassword:RandomPassword":
+            state["result"] = secrets.token_hex(int(args.inputs.get("length", 24)))[: int(args.inputs.get("length", 24))]
+        elif kind == "command:remote:Command":
+            state |= {"stdout": "", "stderr": ""}
+        return resource_id, state
+
+    def call(self, args: pulumi_mocks.MockCallArgs) -> dict[str, Any]:
+        if args.token == "cloudflare:index/getZone:getZone":
+            name = args.args.get("filter", {}).get("name", "example.org")
+            return {"id": "zone-" + _token(name, 24), "zoneId": "zone-" + _token(name, 24), "name": name, "nameServers": NAME_SERVERS}
+        if args.token == "cloudflare:index/getApiTokenPermissionGroupsList:getApiTokenPermissionGroupsList":
+            group = {"id": "4755a26eedb94da69e1066d98aa820be", "name": "DNS Write", "category": "DNS", "isSelectable": True, "scopes": ["com.cloudflare.api.account.zone"]}
+            return {"results": [group]}
+        if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
+            return {"accountId": ACCOUNT_ID, "arn": f"arn:aws:iam::{ACCOUNT_ID}:user/deployer", "userId": "AIDA000", "id": ACCOUNT_ID}
+        return {}
+
+
+class RecordingMonitor(pulumi_mocks.MockMonitor):
+    """The mock monitor, also keeping what the program asked for: options and secret inputs."""
+
+    def __init__(self, mocks: pulumi_mocks.Mocks) -> None:
+        super().__init__(mocks)
+        self.declared: list[Declared] = []
+
+    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 - the gRPC method's name
+        response = super().RegisterResource(request)
+        if request.type == "pulumi:pulumi:Stack":
+            return response
+        secret_paths: set[str] = set()
+        inputs = _unwrap(json_format.MessageToDict(request.object), "", secret_paths)
+        urn = response.urn
+        if any(d.urn == urn for d in self.declared):
+            raise AssertionError(f"two resources share the URN {urn}")
+        self.declared.append(
+            Declared(
+                urn=urn,
+                type=request.type,
+                name=request.name,
+                parent=request.parent,
+                custom=request.custom,
+                inputs=inputs,
+                secret_inputs=_top_level(secret_paths),
+                state=dict(self.resources[urn].state) if urn in self.resources else {},
+                protect=bool(request.protect),
+                retain_on_delete=bool(request.retainOnDelete),
+                ignore_changes=list(request.ignoreChanges),
+                additional_secret_outputs=list(request.additionalSecretOutputs),
+                dependencies=list(request.dependencies),
+                provider=request.provider,
+            )
+        )
+        return response
+
+
+def engine_config(raw: Mapping[str, Any]) -> dict[str, str]:
+    """Settings as the engine hands them to a program: namespaced keys, JSON for non-strings."""
+    return {f"{PROJECT}:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
+
+
+async def _resolve(value: Any) -> tuple[Any, bool]:
+    output = pulumi.Output.from_input(value)
+    return await output.future(), bool(await output.is_secret())
+
+
+def run_program(stack: str, overrides: Mapping[str, Any] | None = None) -> OfflineRun:
+    """Evaluate the program for a stack under mocks and return everything it declared."""
+    from infra import program
+
+    raw = stack_config(stack, overrides)
+    schema = load_schema()
+    settings = parse_settings(raw, schema)  # refuse bad settings before anything is declared
+    secret = [f"{PROJECT}:{k}" for k, spec in schema.items() if spec.secret and raw.get(k)]
+    set_all_config(engine_config(raw), secret)
+
+    runtime_settings.ROOT.set(None)  # a fresh stack per run
+    monitor = RecordingMonitor(StandInCloud())
+    pulumi.runtime.set_mocks(StandInCloud(), project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    outputs: dict[str, Any] = {}
+    secret_outputs: set[str] = set()
+
+    async def evaluate() -> None:
+        declared = program.build(program.settings_from_config())
+        for name, value in declared.items():
+            outputs[name], is_secret = await _resolve(value)
+            if is_secret:
+                secret_outputs.add(name)
+
+    runtime_settings.SETTINGS.rpc_manager.clear()
+    runtime_settings.SETTINGS.outputs.clear()
+    # As pulumi.runtime.test does: run the program, then wait for every registration it started.
+    _sync_await(run_pulumi_func(lambda: _sync_await(evaluate())))
+    return OfflineRun(stack, settings, monitor.declared, outputs, secret_outputs)

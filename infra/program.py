@@ -1,0 +1,117 @@
+"""The program: settings in, every resource declared. The one place that knows the order."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import pulumi
+import pulumi_random as random
+import pulumi_tls as tls
+from pulumi.runtime import config as runtime_config
+
+from infra.bootstrap import render_user_data
+from infra.bundle import ServerSecrets
+from infra.host import MailHost
+from infra.provisioning import Provisioning
+from infra.records import Facts, dkim_public_key_body
+from infra.relay import SesRelay
+from infra.server import render_bundle
+from infra.settings import Relay, Settings, decode_config_value, load_schema, parse_settings
+from infra.stack import PROJECT
+
+SMTP2GO_ENDPOINT = "mail.smtp2go.com"
+WEBMAIL_KEY_LENGTH = 24
+
+
+def settings_from_config() -> Settings:
+    """The stack's settings as the Pulumi engine hands them over, parsed and validated."""
+    schema = load_schema()
+    given: Mapping[str, Any] = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
+    raw: dict[str, Any] = {}
+    for full_key, text in given.items():
+        namespace, _, key = full_key.partition(":")
+        if namespace == PROJECT:
+            raw[key] = decode_config_value(schema[key], text) if key in schema else text
+    encrypted = [key for key in raw if runtime_config.is_config_secret(f"{PROJECT}:{key}")]
+    return parse_settings(raw, schema, encrypted)
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    """Declare every resource for these settings; returns the stack outputs."""
+    # The server's own DKIM key: generated once, kept in state as a secret, published in DNS.
+    dkim_key = tls.PrivateKey("dkim-key", algorithm="RSA", rsa_bits=2048)
+    # mailroom's own SSH key for the remote commands, so a deploy needs no one's personal key.
+    deploy_key = tls.PrivateKey("deploy-key", algorithm="ED25519")
+    deploy_public = deploy_key.public_key_openssh.apply(str.strip)
+
+    # The deploy key joins the admin's keys in the user-data (a public key: not a secret).
+    user_data = deploy_public.apply(
+        lambda key: render_user_data(dataclasses.replace(settings, ssh_public_keys=(*settings.ssh_public_keys, key)))
+    )
+    host = MailHost("mail", settings, user_data)
+
+    relay = SesRelay("ses", settings) if settings.relay is Relay.SES else None
+    tokens = relay.dkim_tokens if relay else pulumi.Output.from_input([])
+    facts = pulumi.Output.all(host.ipv4, host.ipv6, dkim_key.public_key_pem, tokens).apply(
+        lambda v: Facts(v[0], v[1], dkim_public_key_body(v[2]), tuple(v[3]))
+    )
+
+    from infra.zone import MailZone  # imported here: pulumi_cloudflare takes seconds to import
+
+    zone = MailZone("zone", settings, facts)
+
+    if settings.relay is Relay.SES and relay is not None:
+        relay_user, relay_password = relay.smtp_username, relay.smtp_password
+        endpoint = relay.endpoint
+    elif settings.relay is Relay.SMTP2GO:
+        relay_user = pulumi.Output.from_input(settings.smtp2go_username)
+        relay_password = pulumi.Output.secret(settings.smtp2go_password.reveal())
+        endpoint = SMTP2GO_ENDPOINT
+    else:
+        relay_user = relay_password = pulumi.Output.from_input("")
+        endpoint = ""
+
+    webmail_key = (
+        random.RandomPassword("webmail-des-key", length=WEBMAIL_KEY_LENGTH, special=False).result
+        if settings.webmail
+        else pulumi.Output.from_input("")
+    )
+    secrets = pulumi.Output.all(dkim_key.private_key_pem, relay_user, relay_password, zone.certbot_token, webmail_key).apply(
+        lambda v: ServerSecrets(
+            dkim_private_key_pem=v[0],
+            relay_username=v[1],
+            relay_password=v[2],
+            certbot_token=v[3],
+            webmail_des_key=v[4],
+        )
+    )
+    Provisioning(
+        "server",
+        host=host.ipv4,
+        user=settings.admin_user,
+        private_key=pulumi.Output.secret(deploy_key.private_key_openssh),
+        server_id=host.droplet.id,
+        bundle=secrets.apply(lambda s: render_bundle(settings, s)),
+        depends_on=[host],
+    )
+
+    outputs: dict[str, Any] = {
+        "mailHost": settings.host_name,
+        "ipv4": host.ipv4,
+        "ipv6": host.ipv6,
+        "nameServers": zone.name_servers,
+        "smtpRelayEndpoint": endpoint,
+        "certbotToken": zone.certbot_token,
+    }
+    if relay is not None:
+        outputs["sesSmtpUsername"] = relay.smtp_username
+        outputs["sesSmtpPassword"] = relay.smtp_password
+    return outputs
+
+
+def main() -> None:
+    """Entry point for `pulumi up`: read settings (refusing bad ones first), then declare."""
+    for name, value in build(settings_from_config()).items():
+        pulumi.export(name, value)
