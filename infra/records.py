@@ -180,3 +180,8 @@ def zone_file(settings: Settings, facts: Facts) -> str:
     for r in records(settings, facts):
         lines.append(f"{_absolute(r.name)}\t{r.ttl}\tIN\t{r.type}\t{r.rdata()}")
     return "\n".join(lines) + "\n"
+
+
+def dkim_public_key_body(public_key_pem: str) -> str:
+    """The p= value: the PEM body of the public key, base64 without header lines or breaks."""
+    return "".join(line.strip() for line in public_key_pem.splitlines() if line.strip() and not line.startswith("-----"))

@@ -1,0 +1,141 @@
+"""Offline commands: `python -m infra plan|zone|render --stack STACK`.
+
+None of them needs a cloud account or sends anything anywhere: they read the stack files the way
+the Pulumi CLI does and run the program (or its pure parts) locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from infra.settings import SettingsError, parse_settings
+from infra.stack import StackError, parse_override, stack_config, stack_names
+
+MAX_SHOWN = 72
+OFFLINE_BANNER = "OFFLINE PLAN (evaluated under Pulumi mocks; nothing was sent to any cloud; ids, addresses and keys are stand-ins)"
+
+
+def _shown(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    if "\n" in text or len(text) > MAX_SHOWN:
+        first = text.splitlines()[0] if text.strip() else ""
+        return f"{first[:40]!r}... ({len(text)} characters)"
+    return text
+
+
+def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
+    """The resource tree the program declares, secrets masked, as lines of text."""
+    from infra.offline import run_program
+
+    run = run_program(stack, overrides)
+    children: dict[str, list[Any]] = {}
+    for r in run.resources:
+        children.setdefault(r.parent, []).append(r)
+    lines = [OFFLINE_BANNER, f"stack {stack}: {len(run.resources)} resources"]
+
+    def walk(parent: str, depth: int) -> None:
+        for r in children.get(parent, []):
+            flags = [
+                flag
+                for flag, on in (("protect", r.protect), ("retain-on-delete", r.retain_on_delete))
+                if on
+            ]
+            if r.ignore_changes:
+                flags.append("ignore-changes: " + ",".join(r.ignore_changes))
+            suffix = f"  [{'; '.join(flags)}]" if flags else ""
+            lines.append(f"{'  ' * depth}+ {r.type}  {r.name}{suffix}")
+            for key in sorted(r.inputs) if r.custom else []:
+                value = "[secret]" if key in r.secret_inputs else _shown(r.inputs[key])
+                lines.append(f"{'  ' * (depth + 2)}{key}: {value}")
+            walk(r.urn, depth + 1)
+
+    roots = {r.parent for r in run.resources} - {r.urn for r in run.resources}
+    for root in sorted(roots):
+        walk(root, 0)
+    lines.append("outputs:")
+    for name, value in run.outputs.items():
+        lines.append(f"  {name}: {'[secret]' if name in run.secret_outputs else _shown(value)}")
+    return lines
+
+
+def zone_text(stack: str, overrides: dict[str, Any]) -> str:
+    """The zone file, with the stand-in facts of an offline run (addresses, keys, SES tokens)."""
+    from infra.offline import run_program
+    from infra.records import Facts, dkim_public_key_body, zone_file
+
+    run = run_program(stack, overrides)
+    droplet = run.one("digitalocean:index/droplet:Droplet")
+    dkim = run.named("dkim-key")
+    tokens = [t for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity") for t in r.state["dkimSigningAttributes"]["tokens"]]
+    facts = Facts(
+        droplet.state["ipv4Address"],
+        droplet.state["ipv6Address"],
+        dkim_public_key_body(dkim.state["publicKeyPem"]),
+        tuple(tokens),
+    )
+    header = "; stand-in facts from an offline run: replace addresses, DKIM key and SES tokens with your stack's outputs\n"
+    return header + zone_file(run.settings, facts)
+
+
+def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets: bool) -> list[Path]:
+    """Write the user-data and every bundle file under OUT; placeholders stand for secrets."""
+    from infra.bootstrap import render_user_data
+    from infra.server import render_bundle
+    from infra.stand_ins import generated_secrets, placeholder_secrets
+
+    settings = parse_settings(stack_config(stack, overrides))
+    secrets = generated_secrets() if generate_secrets else placeholder_secrets()
+    bundle = render_bundle(settings, secrets)
+    written = []
+    target = out / "user-data"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render_user_data(settings))
+    written.append(target)
+    for f in bundle.files:
+        target = out / "bundle" / f.path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f.content)
+        target.chmod(f.mode)
+        written.append(target)
+    (out / "bundle.json").write_text(bundle.to_json())
+    written.append(out / "bundle.json")
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("plan", "print the resources `pulumi up` would create, evaluated offline"),
+        ("zone", "print the DNS records as a BIND zone file"),
+        ("render", "write the user-data and the server bundle to a directory"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--stack", default="dev", help=f"stack name (one of: {', '.join(stack_names())})")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+        if name == "render":
+            sub.add_argument("--out", type=Path, required=True, help="directory to write into")
+            sub.add_argument(
+                "--generate-secrets",
+                action="store_true",
+                help="fill secrets with freshly generated values (a real DKIM key...) instead of placeholders",
+            )
+    args = parser.parse_args(argv)
+    try:
+        overrides = dict(parse_override(item) for item in args.set)
+        if args.command == "plan":
+            print("\n".join(plan_lines(args.stack, overrides)))
+        elif args.command == "zone":
+            print(zone_text(args.stack, overrides), end="")
+        elif args.command == "render":
+            written = render_to(args.stack, overrides, args.out, args.generate_secrets)
+            print(f"wrote {len(written)} files under {args.out} (secrets are {'generated' if args.generate_secrets else 'placeholders'})")
+    except (SettingsError, StackError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
