@@ -60,16 +60,16 @@ def stack_config(stack: str, overrides: Mapping[str, Any] | None = None, project
         if namespace != PROJECT:
             continue  # provider settings such as digitalocean:token are not ours
         if isinstance(value, dict) and "secure" in value:
-            value = None  # encrypted: only the Pulumi CLI can read it; a stand-in follows
+            continue  # encrypted: only the Pulumi CLI can read it; a stand-in follows
         raw[name] = value
     raw.update(overrides or {})
     schema = load_schema(project_dir / "Pulumi.yaml")
-    if not raw.get("passwordHashes") and isinstance(raw.get("mailboxes"), list):
+    if "passwordHashes" not in raw and isinstance(raw.get("mailboxes"), list):
         addresses = [str(line).split()[0].lower() for line in raw["mailboxes"] if str(line).split()]
         raw["passwordHashes"] = [f"{a} {stand_in_hash(a)}" for a in addresses]
-    if raw.get("relay") == "smtp2go" and not raw.get("smtp2goPassword"):
+    if raw.get("relay") == "smtp2go" and "smtp2goPassword" not in raw:
         raw["smtp2goPassword"] = "stand-in-smtp2go-password"
-    return {k: v for k, v in raw.items() if v is not None}
+    return raw
 
 
 def secret_keys(schema: Mapping[str, SettingSpec]) -> list[str]:
