@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ class Declared:
     """One resource as the program registered it."""
 
     urn: str
+    id: str
     type: str
     name: str
     parent: str
@@ -132,6 +133,17 @@ def _token(seed: str, length: int = 32) -> str:
     return hashlib.sha256(seed.encode()).hexdigest()[:length]
 
 
+# Generated secrets, kept per resource for the life of the process: like Pulumi state, a second
+# run of the same program gets the same keys and passwords, so unchanged inputs stay unchanged.
+_GENERATED: dict[tuple[str, str], dict[str, str]] = {}
+
+
+def _generated(kind: str, name: str, make: Callable[[], dict[str, str]]) -> dict[str, str]:
+    if (kind, name) not in _GENERATED:
+        _GENERATED[(kind, name)] = make()
+    return _GENERATED[(kind, name)]
+
+
 class StandInCloud(pulumi_mocks.Mocks):
     """What the clouds would answer, with realistic shapes and stand-in values."""
 
@@ -149,7 +161,8 @@ class StandInCloud(pulumi_mocks.Mocks):
             state["fingerprint"] = ":".join(digest[i : i + 2] for i in range(0, 32, 2))
             resource_id = "41000" + str(len(args.name))
         elif kind == "tls:index/privateKey:PrivateKey":
-            state |= _pem_pair(str(args.inputs.get("algorithm")), int(args.inputs.get("rsaBits", 2048)))
+            algorithm, bits = str(args.inputs.get("algorithm")), int(args.inputs.get("rsaBits", 2048))
+            state |= _generated(kind, f"{args.name}/{algorithm}/{bits}", lambda: _pem_pair(algorithm, bits))
         elif kind == "aws:sesv2/emailIdentity:EmailIdentity":
             domain = args.inputs["emailIdentity"]
             tokens = [_token(f"{domain}-{i}") for i in range(3)]
@@ -166,11 +179,16 @@ class StandInCloud(pulumi_mocks.Mocks):
             state["arn"] = f"arn:aws:iam::{ACCOUNT_ID}:user/{args.inputs.get('name')}"
         elif kind == "aws:iam/accessKey:AccessKey":
             resource_id = "AKIA" + _token(args.name, 16).upper()
-            state |= {"secret": secrets.token_urlsafe(30), "sesSmtpPasswordV4": "B" + secrets.token_urlsafe(32)}
+            state |= _generated(
+                kind,
+                args.name,
+                lambda: {"secret": secrets.token_urlsafe(30), "sesSmtpPasswordV4": "B" + secrets.token_urlsafe(32)},
+            )
         elif kind == "cloudflare:index/apiToken:ApiToken":
-            state["value"] = secrets.token_urlsafe(30)
+            state |= _generated(kind, args.name, lambda: {"value": secrets.token_urlsafe(30)})
         elif kind == "random:index/randomPassword:RandomPassword":
-            state["result"] = secrets.token_hex(int(args.inputs.get("length", 24)))[: int(args.inputs.get("length", 24))]
+            length = int(args.inputs.get("length", 24))
+            state |= _generated(kind, f"{args.name}/{length}", lambda: {"result": secrets.token_hex(length)[:length]})
         elif kind == "command:remote:Command":
             state |= {"stdout": "", "stderr": ""}
         return resource_id, state
@@ -206,6 +224,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
         self.declared.append(
             Declared(
                 urn=urn,
+                id=response.id,
                 type=request.type,
                 name=request.name,
                 parent=request.parent,

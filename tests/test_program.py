@@ -1,0 +1,296 @@
+"""The resource graph the program declares, evaluated under Pulumi mocks (no cloud is called)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from itertools import product
+from typing import Any
+
+import pytest
+import yaml
+
+from infra.bootstrap import render_user_data
+from infra.host import ANYWHERE, PUBLIC_TCP_PORTS, SSH_PORT
+from infra.offline import OfflineRun
+from infra.provisioning import APPLY_PATH, BOOTSTRAP_MARKER
+from infra.records import Facts, Record, dkim_public_key_body, records
+from infra.relay import smtp_endpoint
+from infra.settings import SettingsError
+from tests.conftest import offline_run
+
+DROPLET = "digitalocean:index/droplet:Droplet"
+FIREWALL = "digitalocean:index/firewall:Firewall"
+VOLUME = "digitalocean:index/volume:Volume"
+COMMAND = "command:remote:Command"
+DNS_RECORD = "cloudflare:index/dnsRecord:DnsRecord"
+
+COMBINATIONS = [
+    pytest.param(stack, relay, spam, id=f"{stack}-{relay}-{spam}")
+    for stack, relay, spam in product(("dev", "prod"), ("ses", "smtp2go", "direct"), ("spamassassin", "rspamd"))
+]
+
+
+def run_for(stack: str, relay: str, spam: str) -> OfflineRun:
+    extra = {"smtp2goUsername": "mailroom-user"} if relay == "smtp2go" else {}
+    return offline_run(stack, relay=relay, spamFilter=spam, **extra)
+
+
+def secret_values(run: OfflineRun) -> list[str]:
+    """Every secret the run produced or was given, as the server would receive them."""
+    values = [b.password_hash.reveal() for b in run.settings.mailboxes]
+    values.append(run.settings.smtp2go_password.reveal())
+    for r in run.resources:
+        for key, value in r.state.items():
+            if key in ("privateKeyPem", "privateKeyOpenssh", "secret", "sesSmtpPasswordV4", "value", "result"):
+                values.append(value)
+    return [v for v in values if isinstance(v, str) and len(v) >= 8]
+
+
+@pytest.mark.parametrize(("stack", "relay", "spam"), COMBINATIONS)
+def test_droplet_is_named_by_the_fqdn_and_never_replaced_for_bootstrap_changes(stack: str, relay: str, spam: str) -> None:
+    run = run_for(stack, relay, spam)
+    droplet = run.one(DROPLET)
+    assert droplet.inputs["name"] == run.settings.host_name
+    assert droplet.inputs["ipv6"] is True and droplet.inputs["monitoring"] is True
+    assert droplet.inputs["backups"] is run.settings.backups
+    assert (droplet.inputs["region"], droplet.inputs["size"], droplet.inputs["image"]) == (
+        run.settings.region,
+        run.settings.droplet_size,
+        run.settings.image.value,
+    )
+    assert {"userData", "image", "sshKeys"} <= set(droplet.ignore_changes)
+    assert droplet.inputs["tags"] == ["mailroom"]
+
+
+@pytest.mark.parametrize(("stack", "relay", "spam"), COMBINATIONS)
+def test_firewall_opens_exactly_the_mail_ports_and_ssh_only_to_admins(stack: str, relay: str, spam: str) -> None:
+    run = run_for(stack, relay, spam)
+    rules = run.one(FIREWALL).inputs["inboundRules"]
+    opened = {(r["protocol"], r.get("portRange", ""), tuple(r["sourceAddresses"])) for r in rules}
+    expected = {("tcp", str(p), ANYWHERE) for p in PUBLIC_TCP_PORTS}
+    expected |= {("tcp", str(SSH_PORT), run.settings.admin_cidrs), ("icmp", "", ANYWHERE)}
+    assert opened == expected
+    ssh_sources = [s for r in rules if r.get("portRange") == "22" for s in r["sourceAddresses"]]
+    assert not set(ssh_sources) & set(ANYWHERE)
+    outbound = {(r["protocol"], tuple(r["destinationAddresses"])) for r in run.one(FIREWALL).inputs["outboundRules"]}
+    assert outbound == {("tcp", ANYWHERE), ("udp", ANYWHERE), ("icmp", ANYWHERE)}
+    assert run.one(FIREWALL).inputs["dropletIds"] == [float(run.one(DROPLET).id)]
+
+
+def test_ssh_from_anywhere_only_with_the_opt_in() -> None:
+    run = offline_run("dev", adminCidrs=["0.0.0.0/0", "::/0"], allowSshFromAnywhere=True)
+    ssh = next(r for r in run.one(FIREWALL).inputs["inboundRules"] if r.get("portRange") == "22")
+    assert ssh["sourceAddresses"] == ["0.0.0.0/0", "::/0"]
+    with pytest.raises(SettingsError, match=r"adminCidrs\[0\]: '0.0.0.0/0' is open to the whole internet"):
+        offline_run("dev", adminCidrs=["0.0.0.0/0"])
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_mail_volume_is_protected_retained_and_attached(stack: str) -> None:
+    run = offline_run(stack)
+    volume = run.one(VOLUME)
+    assert volume.protect and volume.retain_on_delete
+    assert volume.inputs["size"] == run.settings.volume_size_gb
+    assert volume.inputs["region"] == run.settings.region
+    attachment = run.one("digitalocean:index/volumeAttachment:VolumeAttachment")
+    assert {volume.urn, run.one(DROPLET).urn} <= set(attachment.dependencies)
+    assert isinstance(attachment.inputs["dropletId"], float)  # an int on the wire, as DigitalOcean wants
+
+
+@pytest.mark.parametrize(("stack", "relay", "spam"), COMBINATIONS)
+def test_user_data_holds_no_secret_and_is_the_rendered_bootstrap(stack: str, relay: str, spam: str) -> None:
+    run = run_for(stack, relay, spam)
+    user_data = run.one(DROPLET).inputs["userData"]
+    assert "userData" not in run.one(DROPLET).secret_inputs
+    for secret in secret_values(run):
+        assert secret not in user_data
+    deploy_key = run.named("deploy-key").state["publicKeyOpenssh"].strip()
+    with_deploy_key = dataclasses.replace(run.settings, ssh_public_keys=(*run.settings.ssh_public_keys, deploy_key))
+    assert user_data == render_user_data(with_deploy_key)
+    assert yaml.safe_load(user_data)["fqdn"] == run.settings.host_name
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_iam_user_may_only_send_raw_mail_as_the_domain(stack: str) -> None:
+    run = offline_run(stack)
+    policy = json.loads(run.one("aws:iam/userPolicy:UserPolicy").inputs["policy"])
+    identity = run.one("aws:sesv2/emailIdentity:EmailIdentity")
+    config_set = run.one("aws:sesv2/configurationSet:ConfigurationSet")
+    (statement,) = policy["Statement"]
+    assert statement["Effect"] == "Allow"
+    assert statement["Action"] == "ses:SendRawEmail"
+    assert statement["Resource"] == [identity.state["arn"], config_set.state["arn"]]
+    assert statement["Condition"] == {"StringLike": {"ses:FromAddress": f"*@{run.settings.domain}"}}
+    assert identity.inputs["emailIdentity"] == run.settings.domain
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_ses_uses_its_own_region_mail_from_and_notifies_bounces(stack: str) -> None:
+    run = offline_run(stack)
+    provider = run.one("pulumi:providers:aws")
+    assert provider.inputs["region"] == run.settings.ses_region
+    for r in run.resources:
+        if r.type.startswith("aws:"):
+            assert r.provider.startswith(provider.urn), f"{r.name} does not use the SES region's provider"
+    mail_from = run.one("aws:sesv2/emailIdentityMailFromAttributes:EmailIdentityMailFromAttributes")
+    assert mail_from.inputs["mailFromDomain"] == f"bounce.{run.settings.domain}"
+    destination = run.one("aws:sesv2/configurationSetEventDestination:ConfigurationSetEventDestination")
+    events = destination.inputs["eventDestination"]
+    assert {"BOUNCE", "COMPLAINT"} <= set(events["matchingEventTypes"])
+    assert events["snsDestination"]["topicArn"] == run.one("aws:sns/topic:Topic").state["arn"]
+    subscription = run.one("aws:sns/topicSubscription:TopicSubscription")
+    assert (subscription.inputs["protocol"], subscription.inputs["endpoint"]) == ("email", run.settings.alert_email)
+    config_set = run.one("aws:sesv2/configurationSet:ConfigurationSet")
+    assert config_set.inputs["reputationOptions"]["reputationMetricsEnabled"] is True
+    assert run.outputs["smtpRelayEndpoint"] == smtp_endpoint(run.settings.ses_region)
+
+
+@pytest.mark.parametrize("relay", ["smtp2go", "direct"])
+def test_other_relays_declare_nothing_at_aws(relay: str) -> None:
+    run = run_for("dev", relay, "spamassassin")
+    assert not [r.type for r in run.resources if r.type.startswith(("aws:", "pulumi:providers:aws"))]
+    assert "sesSmtpPassword" not in run.outputs
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_credentials_are_secret_everywhere(stack: str) -> None:
+    run = offline_run(stack)
+    assert {"sesSmtpPassword", "certbotToken"} <= run.secret_outputs
+    for name, value in run.outputs.items():
+        if name not in run.secret_outputs:
+            for secret in secret_values(run):
+                assert secret not in json.dumps(value), f"output {name} shows a secret in plain text"
+    assert "sesSmtpPasswordV4" in run.one("aws:iam/accessKey:AccessKey").additional_secret_outputs
+    assert "privateKeyPem" in run.named("dkim-key").additional_secret_outputs
+    assert run.named("dkim-key").inputs == {"algorithm": "RSA", "rsaBits": 2048.0}
+    assert "value" in run.one("cloudflare:index/apiToken:ApiToken").additional_secret_outputs
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_certbot_token_may_edit_dns_in_this_zone_only(stack: str) -> None:
+    run = offline_run(stack)
+    (policy,) = run.one("cloudflare:index/apiToken:ApiToken").inputs["policies"]
+    assert policy["effect"] == "allow"
+    assert [g["id"] for g in policy["permissionGroups"]] == ["4755a26eedb94da69e1066d98aa820be"]  # DNS Write
+    zone_id = run.of_type(DNS_RECORD)[0].inputs["zoneId"]
+    assert json.loads(policy["resources"]) == {f"com.cloudflare.api.account.zone.{zone_id}": "*"}
+
+
+def facts_of(run: OfflineRun) -> Facts:
+    droplet = run.one(DROPLET)
+    tokens = [t for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity") for t in r.state["dkimSigningAttributes"]["tokens"]]
+    return Facts(
+        droplet.state["ipv4Address"],
+        droplet.state["ipv6Address"],
+        dkim_public_key_body(run.named("dkim-key").state["publicKeyPem"]),
+        tuple(tokens),
+    )
+
+
+def as_declared(record: Record) -> dict[str, Any]:
+    """What a DnsRecord resource must carry for this record."""
+    base: dict[str, Any] = {"name": record.name, "type": record.type, "ttl": float(record.ttl), "proxied": False}
+    if record.type == "SRV":
+        data = {"priority": record.priority, "weight": record.weight, "port": record.port, "target": record.value}
+        return base | {"data": {k: float(v) if isinstance(v, int) else v for k, v in data.items()}, "priority": float(record.priority or 0)}
+    if record.type == "CAA":
+        return base | {"data": {"flags": float(record.flags or 0), "tag": record.tag, "value": record.value}}
+    if record.type == "MX":
+        return base | {"content": record.value, "priority": float(record.priority or 0)}
+    return base | {"content": record.rdata() if record.type == "TXT" else record.value}
+
+
+@pytest.mark.parametrize(("stack", "relay", "spam"), COMBINATIONS)
+def test_cloudflare_records_are_exactly_the_record_list(stack: str, relay: str, spam: str) -> None:
+    run = run_for(stack, relay, spam)
+    expected = {f"zone-{r.key}": as_declared(r) for r in records(run.settings, facts_of(run))}
+    declared = {
+        r.name: {k: v for k, v in r.inputs.items() if k in ("name", "type", "ttl", "proxied", "content", "data", "priority")}
+        for r in run.of_type(DNS_RECORD)
+    }
+    assert declared == expected
+    for r in run.of_type(DNS_RECORD):
+        if r.inputs["type"] == "TXT":
+            strings = [s for s in r.inputs["content"].split('"') if s.strip()]
+            assert all(len(s.encode()) <= 255 for s in strings)
+
+
+def commands(run: OfflineRun) -> dict[str, Any]:
+    return {r.name.removeprefix("server-"): r for r in run.of_type(COMMAND)}
+
+
+@pytest.mark.parametrize(("stack", "relay", "spam"), COMBINATIONS)
+def test_remote_commands_wait_for_bootstrap_and_carry_secrets_only_on_stdin(stack: str, relay: str, spam: str) -> None:
+    run = run_for(stack, relay, spam)
+    steps = commands(run)
+    assert list(steps) == ["wait-for-bootstrap", "install-apply-script", "apply-bundle"]
+    wait, install, apply = steps.values()
+    droplet = run.one(DROPLET)
+    attachment = run.one("digitalocean:index/volumeAttachment:VolumeAttachment")
+    assert {droplet.urn, attachment.urn} <= set(wait.dependencies)
+    assert "cloud-init status --wait" in wait.inputs["create"] and BOOTSTRAP_MARKER in wait.inputs["create"]
+    assert wait.urn in install.dependencies and install.urn in apply.dependencies
+    assert install.inputs["stdin"].startswith("#!") and APPLY_PATH in install.inputs["create"]
+    for step in steps.values():
+        assert step.inputs["connection"]["host"] == droplet.state["ipv4Address"]
+        assert step.inputs["connection"]["user"] == run.settings.admin_user
+        assert "connection" in step.secret_inputs  # it holds the deploy key
+        for secret in secret_values(run):
+            assert secret not in step.inputs["create"]
+    bundle = json.loads(apply.inputs["stdin"])
+    assert {"stdin", "triggers"} <= apply.secret_inputs
+    assert apply.inputs["logging"] == "none"
+    assert {"stdout", "stderr"} <= set(apply.additional_secret_outputs)
+    hashes = [b.password_hash.reveal() for b in run.settings.mailboxes]
+    assert all(h in apply.inputs["stdin"] for h in hashes)
+    secret_files = [f for f in bundle["files"] if f["secret"]]
+    assert secret_files and all(f["mode"] & 0o077 == 0 or f["group"] != "root" for f in secret_files)
+
+
+def test_remote_commands_rerun_only_when_what_they_carry_changes() -> None:
+    base = commands(offline_run("dev"))
+    same = commands(offline_run("dev", messageSizeLimitMb=25))  # the default, spelled out
+    changed = commands(offline_run("dev", messageSizeLimitMb=40))
+    for name in base:
+        assert base[name].inputs["triggers"] == same[name].inputs["triggers"], name
+    assert base["apply-bundle"].inputs["triggers"] != changed["apply-bundle"].inputs["triggers"]
+    for name in ("wait-for-bootstrap", "install-apply-script"):
+        assert base[name].inputs["triggers"] == changed[name].inputs["triggers"], name
+    assert base["wait-for-bootstrap"].inputs["triggers"] == [base["wait-for-bootstrap"].inputs["triggers"][0]]
+
+
+def test_stack_outputs_are_few_and_named_for_users() -> None:
+    run = offline_run("dev")
+    assert set(run.outputs) == {
+        "mailHost",
+        "ipv4",
+        "ipv6",
+        "nameServers",
+        "smtpRelayEndpoint",
+        "certbotToken",
+        "sesSmtpUsername",
+        "sesSmtpPassword",
+    }
+    assert run.outputs["mailHost"] == "mail.example.net"
+    assert run.outputs["ipv4"] == run.one(DROPLET).state["ipv4Address"]
+
+
+def test_bad_settings_are_refused_before_any_resource_is_declared() -> None:
+    from infra import offline
+
+    before = len(offline._GENERATED)
+    with pytest.raises(SettingsError, match="relay: 'pigeon' is not accepted"):
+        offline.run_program("dev", {"relay": "pigeon", "image": "debian-12-x64"})
+    assert len(offline._GENERATED) == before
+
+
+def test_every_resource_urn_is_unique_and_every_child_has_a_component_parent() -> None:
+    run = offline_run("prod")
+    urns = [r.urn for r in run.resources]
+    assert len(urns) == len(set(urns))
+    components = {r.urn for r in run.resources if not r.custom}
+    for r in run.resources:
+        # The keys and the webmail secret belong to the whole program, not to one component.
+        if r.custom and r.type not in ("tls:index/privateKey:PrivateKey", "random:index/randomPassword:RandomPassword"):
+            assert r.parent in components, f"{r.type} {r.name} is declared outside a component"
