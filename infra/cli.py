@@ -17,7 +17,9 @@ from infra.settings import SettingsError, parse_settings
 from infra.stack import StackError, parse_override, stack_config, stack_names
 
 MAX_SHOWN = 72
-OFFLINE_BANNER = "OFFLINE PLAN (evaluated under Pulumi mocks; nothing was sent to any cloud; ids, addresses and keys are stand-ins)"
+OFFLINE_BANNER = (
+    "OFFLINE PLAN (evaluated under Pulumi mocks; nothing was sent to any cloud; ids, addresses and keys are stand-ins)"
+)
 
 
 def _shown(value: Any) -> str:
@@ -40,11 +42,7 @@ def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
 
     def walk(parent: str, depth: int) -> None:
         for r in children.get(parent, []):
-            flags = [
-                flag
-                for flag, on in (("protect", r.protect), ("retain-on-delete", r.retain_on_delete))
-                if on
-            ]
+            flags = [flag for flag, on in (("protect", r.protect), ("retain-on-delete", r.retain_on_delete)) if on]
             if r.ignore_changes:
                 flags.append("ignore-changes: " + ",".join(r.ignore_changes))
             suffix = f"  [{'; '.join(flags)}]" if flags else ""
@@ -71,14 +69,20 @@ def zone_text(stack: str, overrides: dict[str, Any]) -> str:
     run = run_program(stack, overrides)
     droplet = run.one("digitalocean:index/droplet:Droplet")
     dkim = run.named("dkim-key")
-    tokens = [t for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity") for t in r.state["dkimSigningAttributes"]["tokens"]]
+    tokens = [
+        t
+        for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity")
+        for t in r.state["dkimSigningAttributes"]["tokens"]
+    ]
     facts = Facts(
         droplet.state["ipv4Address"],
         droplet.state["ipv6Address"],
         dkim_public_key_body(dkim.state["publicKeyPem"]),
         tuple(tokens),
     )
-    header = "; stand-in facts from an offline run: replace addresses, DKIM key and SES tokens with your stack's outputs\n"
+    header = (
+        "; stand-in facts from an offline run: replace addresses, DKIM key and SES tokens with your stack's outputs\n"
+    )
     return header + zone_file(run.settings, facts)
 
 
@@ -134,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(zone_text(args.stack, overrides), end="")
         elif args.command == "render":
             written = render_to(args.stack, overrides, args.out, args.generate_secrets)
-            print(f"wrote {len(written)} files under {args.out} (secrets are {'generated' if args.generate_secrets else 'placeholders'})")
+            kind = "generated" if args.generate_secrets else "placeholders"
+            print(f"wrote {len(written)} files under {args.out} (secrets are {kind})")
     except (SettingsError, StackError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

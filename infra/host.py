@@ -22,7 +22,11 @@ ALERTS = (
 
 
 def inbound_rules(settings: Settings) -> list[do.FirewallInboundRuleArgs]:
-    rules = [do.FirewallInboundRuleArgs(protocol="tcp", port_range=str(SSH_PORT), source_addresses=list(settings.admin_cidrs))]
+    rules = [
+        do.FirewallInboundRuleArgs(
+            protocol="tcp", port_range=str(SSH_PORT), source_addresses=list(settings.admin_cidrs)
+        )
+    ]
     rules += [
         do.FirewallInboundRuleArgs(protocol="tcp", port_range=str(port), source_addresses=list(ANYWHERE))
         for port in PUBLIC_TCP_PORTS

@@ -153,7 +153,12 @@ class StandInCloud(pulumi_mocks.Mocks):
         kind = args.typ
         if kind == "digitalocean:index/droplet:Droplet":
             resource_id = "400000001"
-            state |= {"ipv4Address": DROPLET_IPV4, "ipv6Address": DROPLET_IPV6, "status": "active", "urn": "do:droplet:400000001"}
+            state |= {
+                "ipv4Address": DROPLET_IPV4,
+                "ipv6Address": DROPLET_IPV6,
+                "status": "active",
+                "urn": "do:droplet:400000001",
+            }
         elif kind == "digitalocean:index/volume:Volume":
             resource_id = "0b5f5d6e-0000-4000-8000-" + _token(args.name, 12)
         elif kind == "digitalocean:index/sshKey:SshKey":
@@ -193,15 +198,34 @@ class StandInCloud(pulumi_mocks.Mocks):
             state |= {"stdout": "", "stderr": ""}
         return resource_id, state
 
-    def call(self, args: pulumi_mocks.MockCallArgs) -> dict[str, Any]:
+    def call(self, args: pulumi_mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        return self._answer(args), []
+
+    def _answer(self, args: pulumi_mocks.MockCallArgs) -> dict[str, Any]:
         if args.token == "cloudflare:index/getZone:getZone":
             name = args.args.get("filter", {}).get("name", "example.org")
-            return {"id": "zone-" + _token(name, 24), "zoneId": "zone-" + _token(name, 24), "name": name, "nameServers": NAME_SERVERS}
+            return {
+                "id": "zone-" + _token(name, 24),
+                "zoneId": "zone-" + _token(name, 24),
+                "name": name,
+                "nameServers": NAME_SERVERS,
+            }
         if args.token == "cloudflare:index/getApiTokenPermissionGroupsList:getApiTokenPermissionGroupsList":
-            group = {"id": "4755a26eedb94da69e1066d98aa820be", "name": "DNS Write", "category": "DNS", "isSelectable": True, "scopes": ["com.cloudflare.api.account.zone"]}
+            group = {
+                "id": "4755a26eedb94da69e1066d98aa820be",
+                "name": "DNS Write",
+                "category": "DNS",
+                "isSelectable": True,
+                "scopes": ["com.cloudflare.api.account.zone"],
+            }
             return {"results": [group]}
         if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
-            return {"accountId": ACCOUNT_ID, "arn": f"arn:aws:iam::{ACCOUNT_ID}:user/deployer", "userId": "AIDA000", "id": ACCOUNT_ID}
+            return {
+                "accountId": ACCOUNT_ID,
+                "arn": f"arn:aws:iam::{ACCOUNT_ID}:user/deployer",
+                "userId": "AIDA000",
+                "id": ACCOUNT_ID,
+            }
         return {}
 
 
@@ -213,7 +237,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
         self.declared: list[Declared] = []
 
     def RegisterResource(self, request: Any) -> Any:  # noqa: N802 - the gRPC method's name
-        response = super().RegisterResource(request)
+        response = super().RegisterResource(request)  # type: ignore[no-untyped-call]
         if request.type == "pulumi:pulumi:Stack":
             return response
         secret_paths: set[str] = set()

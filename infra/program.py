@@ -78,7 +78,9 @@ def build(settings: Settings) -> dict[str, Any]:
         if settings.webmail
         else pulumi.Output.from_input("")
     )
-    secrets = pulumi.Output.all(dkim_key.private_key_pem, relay_user, relay_password, zone.certbot_token, webmail_key).apply(
+    secrets = pulumi.Output.all(
+        dkim_key.private_key_pem, relay_user, relay_password, zone.certbot_token, webmail_key
+    ).apply(
         lambda v: ServerSecrets(
             dkim_private_key_pem=v[0],
             relay_username=v[1],

@@ -98,13 +98,17 @@ class Provisioning(pulumi.ComponentResource):
             triggers=[server_id, script_digest()],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[waited]),
         )
+        # (pulumi's Input[U] cannot be solved by mypy here: it infers Never.)
+        secret_bundle: pulumi.Output[Bundle] = pulumi.Output.secret(bundle)  # type: ignore[arg-type]
+        bundle_json = secret_bundle.apply(lambda b: b.to_json())
+        bundle_digest = secret_bundle.apply(lambda b: b.digest())
         self.applied = command.remote.Command(
             f"{name}-{apply.name}",
             connection=connection,
             create=apply.create,
             # The bundle holds every secret the server needs: stdin only, never a command line.
-            stdin=pulumi.Output.secret(bundle.apply(lambda b: b.to_json())),
-            triggers=[server_id, script_digest(), pulumi.Output.secret(bundle.apply(lambda b: b.digest()))],
+            stdin=bundle_json,
+            triggers=[server_id, script_digest(), bundle_digest],
             logging=command.remote.Logging.NONE,
             opts=pulumi.ResourceOptions(
                 parent=self, depends_on=[installed], additional_secret_outputs=["stdout", "stderr"]

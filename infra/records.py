@@ -53,7 +53,7 @@ class Facts:
     def placeholder(cls, settings: Settings) -> Facts:
         """Stand-in facts with the right shape, to learn which records exist."""
         tokens = tuple(f"token{i}" for i in range(SES_DKIM_TOKENS)) if settings.relay is Relay.SES else ()
-        return cls("0.0.0.0", "::", "AAAA", tokens)
+        return cls("0.0.0.0", "::", "AAAA", tokens)  # noqa: S104 - an address value, not a bind
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,7 @@ def spf(settings: Settings) -> str:
 
 def dmarc(settings: Settings) -> str:
     return (
-        f"v=DMARC1; p={settings.dmarc_policy.value}; rua=mailto:{settings.dmarc_report_address}; "
-        "adkim=r; aspf=r; fo=1"
+        f"v=DMARC1; p={settings.dmarc_policy.value}; rua=mailto:{settings.dmarc_report_address}; adkim=r; aspf=r; fo=1"
     )
 
 
@@ -165,7 +164,13 @@ def _ses_records(settings: Settings, tokens: Sequence[str]) -> list[Record]:
         for i, token in enumerate(tokens)
     ]
     out += [
-        Record("ses-mail-from-mx", "MX", mail_from, f"feedback-smtp.{settings.ses_region}.amazonses.com", priority=MX_PRIORITY),
+        Record(
+            "ses-mail-from-mx",
+            "MX",
+            mail_from,
+            f"feedback-smtp.{settings.ses_region}.amazonses.com",
+            priority=MX_PRIORITY,
+        ),
         Record("ses-mail-from-spf", "TXT", mail_from, "v=spf1 include:amazonses.com ~all"),
     ]
     return out
@@ -184,4 +189,6 @@ def zone_file(settings: Settings, facts: Facts) -> str:
 
 def dkim_public_key_body(public_key_pem: str) -> str:
     """The p= value: the PEM body of the public key, base64 without header lines or breaks."""
-    return "".join(line.strip() for line in public_key_pem.splitlines() if line.strip() and not line.startswith("-----"))
+    return "".join(
+        line.strip() for line in public_key_pem.splitlines() if line.strip() and not line.startswith("-----")
+    )

@@ -50,9 +50,7 @@ class MtaStsMode(StrEnum):
 
 
 # DigitalOcean regions that offer both droplets and block storage volumes.
-REGIONS = frozenset(
-    {"nyc1", "nyc3", "sfo2", "sfo3", "tor1", "ams3", "fra1", "lon1", "sgp1", "blr1", "syd1", "atl1"}
-)
+REGIONS = frozenset({"nyc1", "nyc3", "sfo2", "sfo3", "tor1", "ams3", "fra1", "lon1", "sgp1", "blr1", "syd1", "atl1"})
 
 # Shared-CPU droplet sizes, in MB of memory. The stack needs 1 GB; smaller sizes are refused.
 DROPLET_MEMORY_MB: Mapping[str, int] = {
@@ -279,10 +277,10 @@ class _Parser:
             "array": list,
         }
         kind = expected[spec.type]
-        if spec.type == "integer" and isinstance(value, bool) or not isinstance(value, kind):
+        if (spec.type == "integer" and isinstance(value, bool)) or not isinstance(value, kind):
             self.problem(key, value, f"not a{'n' if spec.type[0] in 'ai' else ''} {spec.type}")
             return None
-        if spec.type == "array" and not all(isinstance(v, str) for v in value):
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             self.problem(key, value, "not a list of strings")
             return None
         return value
@@ -329,9 +327,7 @@ class _Parser:
         return value.lower()
 
 
-def _check_items(
-    parser: _Parser, key: str, items: list[str], check: Callable[[str], str | None]
-) -> None:
+def _check_items(parser: _Parser, key: str, items: list[str], check: Callable[[str], str | None]) -> None:
     for i, item in enumerate(items):
         reason = check(item)
         if reason:
@@ -384,7 +380,10 @@ def _parse_password_hashes(p: _Parser) -> dict[str, Secret]:
         value = value.strip()
         address = address.lower()
         if _address_parts(address) is None or not value:
-            p.problems.append(f"{key}: (secret, not shown) is not 'ADDRESS HASH'; accepted: e.g. 'alice@example.org {{BLF-CRYPT}}$2y$05$...'")
+            p.problems.append(
+                f"{key}: (secret, not shown) is not 'ADDRESS HASH'; "
+                "accepted: e.g. 'alice@example.org {BLF-CRYPT}$2y$05$...'"
+            )
             continue
         scheme = next((s for s in PASSWORD_SCHEMES if value.startswith(s)), None)
         if scheme is None:
@@ -446,7 +445,9 @@ def _parse_aliases(p: _Parser, domain: str, mailboxes: tuple[Mailbox, ...]) -> t
         key = f"aliases[{i}]"
         source, sep, targets = line.partition(":")
         if not sep or not targets.strip():
-            p.problem(key, line, "not 'SOURCE: TARGET[, TARGET]'; accepted: e.g. 'sales@example.org: alice@example.org'")
+            p.problem(
+                key, line, "not 'SOURCE: TARGET[, TARGET]'; accepted: e.g. 'sales@example.org: alice@example.org'"
+            )
             continue
         aliases.append(
             Alias(
@@ -462,19 +463,25 @@ def _parse_aliases(p: _Parser, domain: str, mailboxes: tuple[Mailbox, ...]) -> t
         if alias.source in boxes:
             p.problem("aliases", alias.source, "both a mailbox and an alias; accepted: one or the other")
         if alias.source in sources:
-            p.problem("aliases", alias.source, "an alias defined twice; accepted: one line per alias, with several targets")
+            p.problem(
+                "aliases", alias.source, "an alias defined twice; accepted: one line per alias, with several targets"
+            )
         sources.add(alias.source)
     return tuple(aliases)
 
 
-def _default_aliases(settings_aliases: tuple[Alias, ...], boxes: tuple[Mailbox, ...], extra: Iterable[str]) -> tuple[Alias, ...]:
+def _default_aliases(
+    settings_aliases: tuple[Alias, ...], boxes: tuple[Mailbox, ...], extra: Iterable[str]
+) -> tuple[Alias, ...]:
     """postmaster@, abuse@ (RFC 2142) and the report addresses, pointing at the first mailbox."""
     if not boxes:
         return settings_aliases
     taken = {a.source for a in settings_aliases} | {b.address for b in boxes}
     domain = boxes[0].address.rpartition("@")[2]
     wanted = [f"postmaster@{domain}", f"abuse@{domain}", *extra]
-    added = tuple(Alias(a, (boxes[0].address,)) for a in dict.fromkeys(wanted) if a not in taken and a.endswith("@" + domain))
+    added = tuple(
+        Alias(a, (boxes[0].address,)) for a in dict.fromkeys(wanted) if a not in taken and a.endswith("@" + domain)
+    )
     return settings_aliases + added
 
 
@@ -492,9 +499,13 @@ def parse_settings(
     p = _Parser(raw, schema)
     for key in raw:
         if key not in schema:
-            p.problems.append(f"{key}: not a mailroom setting{_closest(key, schema)} (see Pulumi.yaml for every setting)")
+            p.problems.append(
+                f"{key}: not a mailroom setting{_closest(key, schema)} (see Pulumi.yaml for every setting)"
+            )
         elif encrypted is not None and schema[key].secret and raw[key] and key not in set(encrypted):
-            p.problems.append(f"{key}: stored in plain text in the stack file; set it again with pulumi config set --secret {key}")
+            p.problems.append(
+                f"{key}: stored in plain text in the stack file; set it again with pulumi config set --secret {key}"
+            )
 
     domain = p.string("domain").lower().rstrip(".")
     if domain and not is_domain_name(domain):
@@ -512,7 +523,9 @@ def parse_settings(
     image = p.choice("image", Image)
     admin_user = p.string("adminUser")
     if admin_user and (not ADMIN_USER_RE.match(admin_user) or admin_user == "root"):
-        p.problem("adminUser", admin_user, "not a usable login; accepted: lower case letters, digits, - and _, not root")
+        p.problem(
+            "adminUser", admin_user, "not a usable login; accepted: lower case letters, digits, - and _, not root"
+        )
     ssh_keys = p.strings("sshPublicKeys")
     if "sshPublicKeys" in p.raw and not ssh_keys:
         p.problem("sshPublicKeys", ssh_keys, "empty; the server would be unreachable. Add your OpenSSH public key")
@@ -529,11 +542,17 @@ def parse_settings(
         if not smtp2go_user:
             p.problems.append("smtp2goUsername: missing; relay smtp2go needs the SMTP2GO SMTP user name")
         if not smtp2go_password:
-            p.problems.append("smtp2goPassword: missing; relay smtp2go needs it: pulumi config set --secret smtp2goPassword")
+            p.problems.append(
+                "smtp2goPassword: missing; relay smtp2go needs it: pulumi config set --secret smtp2goPassword"
+            )
 
     selector = p.string("dkimSelector").lower()
     if not LABEL_RE.match(selector):
-        p.problem("dkimSelector", selector, "not a DNS label; accepted: letters, digits and inner hyphens, up to 63, e.g. mail or s2026")
+        p.problem(
+            "dkimSelector",
+            selector,
+            "not a DNS label; accepted: letters, digits and inner hyphens, up to 63, e.g. mail or s2026",
+        )
 
     alert = p.address("alertEmail", p.string("alertEmail")) if "alertEmail" in raw else p.string("alertEmail")
     dmarc_report = p.string("dmarcReportAddress") or f"dmarc-reports@{domain}"

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from infra.settings import PROJECT_DIR, SettingSpec, load_schema
+from infra.settings import PROJECT_DIR
 
 PROJECT = "mailroom"
 
@@ -51,7 +51,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.removeprefix(f"{PROJECT}:"), yaml.safe_load(value) if value else ""
 
 
-def stack_config(stack: str, overrides: Mapping[str, Any] | None = None, project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
+def stack_config(
+    stack: str, overrides: Mapping[str, Any] | None = None, project_dir: Path = PROJECT_DIR
+) -> dict[str, Any]:
     """The stack's settings as plain values (bare keys), stand-ins filled in for missing secrets."""
     document = yaml.safe_load(stack_file(stack, project_dir).read_text()) or {}
     raw: dict[str, Any] = {}
@@ -63,14 +65,9 @@ def stack_config(stack: str, overrides: Mapping[str, Any] | None = None, project
             continue  # encrypted: only the Pulumi CLI can read it; a stand-in follows
         raw[name] = value
     raw.update(overrides or {})
-    schema = load_schema(project_dir / "Pulumi.yaml")
     if "passwordHashes" not in raw and isinstance(raw.get("mailboxes"), list):
         addresses = [str(line).split()[0].lower() for line in raw["mailboxes"] if str(line).split()]
         raw["passwordHashes"] = [f"{a} {stand_in_hash(a)}" for a in addresses]
     if raw.get("relay") == "smtp2go" and "smtp2goPassword" not in raw:
         raw["smtp2goPassword"] = "stand-in-smtp2go-password"
     return raw
-
-
-def secret_keys(schema: Mapping[str, SettingSpec]) -> list[str]:
-    return [f"{PROJECT}:{name}" for name, spec in schema.items() if spec.secret]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 
 import pulumi
 import pulumi_cloudflare as cloudflare
@@ -14,18 +15,19 @@ COMMENT = "managed by mailroom (Pulumi)"
 DNS_WRITE = "DNS Write"
 
 
-def record_args(record: Record) -> dict[str, object]:
-    """A record in Cloudflare's terms: TXT quoted and split at 255, SRV and CAA as data."""
-    if record.type == "TXT":
-        return {"content": record.rdata()}
+def record_content(record: Record) -> str | None:
+    """Cloudflare's content field: TXT quoted and split at 255; SRV and CAA use data instead."""
+    if record.type in ("SRV", "CAA"):
+        return None
+    return record.rdata() if record.type == "TXT" else record.value
+
+
+def record_data(record: Record) -> dict[str, str | int | None] | None:
     if record.type == "SRV":
-        data = {"priority": record.priority, "weight": record.weight, "port": record.port, "target": record.value}
-        return {"data": data, "priority": record.priority}
+        return {"priority": record.priority, "weight": record.weight, "port": record.port, "target": record.value}
     if record.type == "CAA":
-        return {"data": {"flags": record.flags, "tag": record.tag, "value": record.value}}
-    if record.type == "MX":
-        return {"content": record.value, "priority": record.priority}
-    return {"content": record.value}
+        return {"flags": record.flags, "tag": record.tag, "value": record.value}
+    return None
 
 
 def token_policy_resources(zone_id: str) -> str:
@@ -56,8 +58,7 @@ class MailZone(pulumi.ComponentResource):
         # So every record is declared here, at the top level, and previews show them all.
         every = facts.apply(lambda f: {r.key: r for r in records(settings, f)})
         for shape in records(settings, Facts.placeholder(settings)):
-            record = every.apply(lambda by_key, key=shape.key: by_key[key])
-            args = record.apply(record_args)
+            record: pulumi.Output[Record] = every.apply(operator.itemgetter(shape.key))
             cloudflare.DnsRecord(
                 f"{name}-{shape.key}",
                 zone_id=self.zone_id,
@@ -66,9 +67,9 @@ class MailZone(pulumi.ComponentResource):
                 ttl=shape.ttl,
                 # Mail records must resolve to the server itself, never to Cloudflare's proxy.
                 proxied=False,
-                content=args.apply(lambda a: a.get("content")),  # type: ignore[arg-type]
-                data=args.apply(lambda a: a.get("data")),  # type: ignore[arg-type]
-                priority=args.apply(lambda a: a.get("priority")),  # type: ignore[arg-type]
+                content=record.apply(record_content),
+                data=record.apply(record_data),  # type: ignore[arg-type]
+                priority=record.apply(lambda r: r.priority),
                 comment=COMMENT,
                 opts=child,
             )

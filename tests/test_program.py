@@ -48,7 +48,9 @@ def secret_values(run: OfflineRun) -> list[str]:
 
 
 @pytest.mark.parametrize(("stack", "relay", "spam"), COMBINATIONS)
-def test_droplet_is_named_by_the_fqdn_and_never_replaced_for_bootstrap_changes(stack: str, relay: str, spam: str) -> None:
+def test_droplet_is_named_by_the_fqdn_and_never_replaced_for_bootstrap_changes(
+    stack: str, relay: str, spam: str
+) -> None:
     run = run_for(stack, relay, spam)
     droplet = run.one(DROPLET)
     assert droplet.inputs["name"] == run.settings.host_name
@@ -179,7 +181,11 @@ def test_certbot_token_may_edit_dns_in_this_zone_only(stack: str) -> None:
 
 def facts_of(run: OfflineRun) -> Facts:
     droplet = run.one(DROPLET)
-    tokens = [t for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity") for t in r.state["dkimSigningAttributes"]["tokens"]]
+    tokens = [
+        t
+        for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity")
+        for t in r.state["dkimSigningAttributes"]["tokens"]
+    ]
     return Facts(
         droplet.state["ipv4Address"],
         droplet.state["ipv6Address"],
@@ -193,7 +199,10 @@ def as_declared(record: Record) -> dict[str, Any]:
     base: dict[str, Any] = {"name": record.name, "type": record.type, "ttl": float(record.ttl), "proxied": False}
     if record.type == "SRV":
         data = {"priority": record.priority, "weight": record.weight, "port": record.port, "target": record.value}
-        return base | {"data": {k: float(v) if isinstance(v, int) else v for k, v in data.items()}, "priority": float(record.priority or 0)}
+        return base | {
+            "data": {k: float(v) if isinstance(v, int) else v for k, v in data.items()},
+            "priority": float(record.priority or 0),
+        }
     if record.type == "CAA":
         return base | {"data": {"flags": float(record.flags or 0), "tag": record.tag, "value": record.value}}
     if record.type == "MX":
@@ -206,7 +215,9 @@ def test_cloudflare_records_are_exactly_the_record_list(stack: str, relay: str, 
     run = run_for(stack, relay, spam)
     expected = {f"zone-{r.key}": as_declared(r) for r in records(run.settings, facts_of(run))}
     declared = {
-        r.name: {k: v for k, v in r.inputs.items() if k in ("name", "type", "ttl", "proxied", "content", "data", "priority")}
+        r.name: {
+            k: v for k, v in r.inputs.items() if k in ("name", "type", "ttl", "proxied", "content", "data", "priority")
+        }
         for r in run.of_type(DNS_RECORD)
     }
     assert declared == expected

@@ -92,7 +92,9 @@ def test_txt_strings_are_at_most_255_bytes_and_rejoin_to_the_value() -> None:
         if r.type == "TXT":
             assert all(0 < len(s.encode()) <= TXT_CHUNK for s in r.txt_strings())
             assert "".join(r.txt_strings()) == r.value
-    dkim_record = next(r for r in records(settings_for(), Facts("203.0.113.10", "::1", long_key, ())) if r.key == "dkim")
+    dkim_record = next(
+        r for r in records(settings_for(), Facts("203.0.113.10", "::1", long_key, ())) if r.key == "dkim"
+    )
     assert len(dkim_record.txt_strings()) == 2
 
 
@@ -100,12 +102,20 @@ def _public_pem() -> str:
     from cryptography.hazmat.primitives import serialization
 
     key = serialization.load_pem_private_key(dkim_private_key_pem().encode(), None)
-    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 def test_dkim_record_parses_with_dkimpy_and_holds_the_public_key() -> None:
     pem = _public_pem()
-    record = next(r for r in records(settings_for(), Facts("203.0.113.10", "::1", dkim_public_key_body(pem), ())) if r.key == "dkim")
+    record = next(
+        r
+        for r in records(settings_for(), Facts("203.0.113.10", "::1", dkim_public_key_body(pem), ()))
+        if r.key == "dkim"
+    )
     tags = dkim.util.parse_tag_value(record.value.encode())
     assert tags[b"v"] == b"DKIM1" and tags[b"k"] == b"rsa"
     key = dkim.crypto.parse_public_key(base64.b64decode(tags[b"p"]))
