@@ -41,7 +41,7 @@ def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
     lines = [OFFLINE_BANNER, f"stack {stack}: {len(run.resources)} resources"]
 
     def walk(parent: str, depth: int) -> None:
-        for r in children.get(parent, []):
+        for r in sorted(children.get(parent, []), key=lambda r: (r.custom, r.type, r.name)):
             flags = [flag for flag, on in (("protect", r.protect), ("retain-on-delete", r.retain_on_delete)) if on]
             if r.ignore_changes:
                 flags.append("ignore-changes: " + ",".join(r.ignore_changes))
