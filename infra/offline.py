@@ -305,3 +305,29 @@ def run_program(stack: str, overrides: Mapping[str, Any] | None = None) -> Offli
     # As pulumi.runtime.test does: run the program, then wait for every registration it started.
     _sync_await(run_pulumi_func(lambda: _sync_await(evaluate())))
     return OfflineRun(stack, settings, monitor.declared, outputs, secret_outputs)
+
+
+@dataclass(frozen=True)
+class RemoteStep:
+    """A remote command as the program declared it: what the lab runs over SSH, in order."""
+
+    name: str
+    create: str
+    stdin: str | None
+
+    def __repr__(self) -> str:  # stdin holds the bundle and its secrets
+        return f"RemoteStep({self.name!r}, stdin={'yes' if self.stdin else 'no'})"
+
+
+def remote_steps(run: OfflineRun) -> list[RemoteStep]:
+    """The run's `command.remote.Command`s in dependency order (each after those it depends on)."""
+    pending = {r.urn: r for r in run.of_type("command:remote:Command")}
+    ordered: list[RemoteStep] = []
+    while pending:
+        ready = [r for r in pending.values() if not (set(r.dependencies) & set(pending))]
+        if not ready:
+            raise ValueError("the remote commands depend on each other in a cycle")
+        for r in sorted(ready, key=lambda r: r.name):
+            ordered.append(RemoteStep(r.name, r.inputs["create"], r.inputs.get("stdin")))
+            del pending[r.urn]
+    return ordered

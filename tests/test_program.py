@@ -305,3 +305,14 @@ def test_every_resource_urn_is_unique_and_every_child_has_a_component_parent() -
         # The keys and the webmail secret belong to the whole program, not to one component.
         if r.custom and r.type not in ("tls:index/privateKey:PrivateKey", "random:index/randomPassword:RandomPassword"):
             assert r.parent in components, f"{r.type} {r.name} is declared outside a component"
+
+
+def test_remote_steps_come_out_in_dependency_order_with_their_stdin() -> None:
+    from infra.offline import remote_steps
+
+    run = offline_run("dev")
+    steps = remote_steps(run)
+    names = ["server-wait-for-bootstrap", "server-install-apply-script", "server-apply-bundle"]
+    assert [s.name for s in steps] == names
+    assert steps[2].stdin == commands(run)["apply-bundle"].inputs["stdin"]
+    assert "stdin=yes" in repr(steps[2]) and "BLF-CRYPT" not in repr(steps[2])
