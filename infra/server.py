@@ -1,0 +1,271 @@
+"""The server bundle: every file the server gets, rendered from settings and secrets (pure).
+
+Templates live under cloud_init/files/<layer>/<destination path>.j2. The `common` layer is
+always rendered; the spam filter picks the `spamassassin` or `rspamd` layer, webmail adds the
+`webmail` layer, and the relay picks its snippet in cloud_init/files/relay/. Choices pick files;
+templates only fill in values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from infra.bootstrap import MAIL_DIR
+from infra.bundle import Bundle, BundleFile, ServerSecrets, Service
+from infra.packages import SPAM, WEBMAIL, packages
+from infra.records import mta_sts_policy
+from infra.relay import smtp_endpoint
+from infra.settings import Relay, Settings, SpamFilter
+
+FILES = Path(__file__).resolve().parent.parent / "cloud_init" / "files"
+SMTP2GO_HOST = "mail.smtp2go.com"
+ACME_SERVER = "https://acme-v02.api.letsencrypt.org/directory"
+SPAMD_USER = "debian-spamd"
+# spamd children: each holds ≈ 50 MB; two keep SpamAssassin within a 1 GB droplet.
+SPAMD_CHILDREN = 2
+REDIS_MAX_MEMORY = "64mb"
+# Blocklists postscreen scores clients against (weights: a listing of weight 3 is enough).
+DNSBL_SITES = ("zen.spamhaus.org=127.0.0.[2..11]*3", "bl.spamcop.net*2", "b.barracudacentral.org=127.0.0.2*2")
+DQS_ZONE = "{key}.zen.dq.spamhaus.net=127.0.0.[2..11]*3"
+
+# Which files are secret, and who may read them (mode, owner, group).
+SECRET_FILES: dict[str, tuple[int, str, str]] = {
+    "/etc/postfix/sasl_passwd": (0o600, "root", "root"),
+    "/etc/dovecot/users": (0o640, "root", "dovecot"),
+    "/etc/letsencrypt/mailroom-cloudflare.ini": (0o600, "root", "root"),
+    "/etc/opendkim/keys/{selector}.private": (0o600, "opendkim", "opendkim"),
+    "/etc/rspamd/dkim/{selector}.key": (0o640, "root", "_rspamd"),
+    "/etc/roundcube/config.inc.php": (0o640, "root", "www-data"),
+}
+
+POSTFIX_MAPS = ("virtual_mailboxes", "virtual_aliases", "sender_logins")
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(FILES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def layers(settings: Settings) -> tuple[str, ...]:
+    chosen = ("common", settings.spam_filter.value)
+    return (*chosen, "webmail") if settings.webmail else chosen
+
+
+def relay_host(settings: Settings) -> str:
+    hosts = {Relay.SES: smtp_endpoint(settings.ses_region), Relay.SMTP2GO: SMTP2GO_HOST, Relay.DIRECT: ""}
+    return hosts[settings.relay]
+
+
+def sender_logins(settings: Settings) -> list[tuple[str, list[str]]]:
+    """A mailbox sends as itself; an alias may be used by the mailboxes it reaches."""
+    boxes = {b.address for b in settings.mailboxes}
+    logins: dict[str, list[str]] = {b: [b] for b in sorted(boxes)}
+    for alias in settings.aliases:
+        owners = [t for t in alias.targets if t in boxes]
+        if owners:
+            logins[alias.source] = owners
+    return sorted(logins.items())
+
+
+def milters(settings: Settings) -> dict[str, str]:
+    """Inbound mail is verified and scanned; submitted mail is only signed, never scanned."""
+    if settings.spam_filter is SpamFilter.RSPAMD:
+        # rspamd tells authenticated mail apart itself: it signs it and skips the spam checks.
+        both = "inet:127.0.0.1:11332"
+        return {"smtpd_milters": both, "non_smtpd_milters": both, "submission_milters": both}
+    dkim = "inet:127.0.0.1:8891"
+    return {
+        "smtpd_milters": f"{dkim}, unix:spamass/spamass.sock",
+        "non_smtpd_milters": dkim,
+        "submission_milters": dkim,
+    }
+
+
+def certificate_names(settings: Settings) -> list[str]:
+    return [settings.host_name, f"mta-sts.{settings.domain}", f"autoconfig.{settings.domain}"]
+
+
+def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
+    names = certificate_names(settings)
+    dnsbl = list(DNSBL_SITES)
+    if settings.spamhaus_dqs_key:
+        # Spamhaus answers DQS queries from any resolver; the public zone is then dropped.
+        dnsbl[0] = DQS_ZONE.format(key=settings.spamhaus_dqs_key.reveal())
+    return {
+        "host_name": settings.host_name,
+        "domain": settings.domain,
+        "mail_dir": MAIL_DIR,
+        "message_size_limit_mb": settings.message_size_limit_mb,
+        "message_size_limit_bytes": settings.message_size_limit_mb * 1024 * 1024,
+        "mailboxes": settings.mailboxes,
+        "aliases": settings.aliases,
+        "sender_logins": sender_logins(settings),
+        "dnsbl_sites": ", ".join(dnsbl),
+        "spam_filter": settings.spam_filter.value,
+        "relay_snippet": f"relay/{settings.relay.value}.cf.j2",
+        "relay_host": relay_host(settings),
+        "relay_username": secrets.relay_username,
+        "relay_password": secrets.relay_password,
+        "dkim_selector": settings.dkim_selector,
+        "spamd_user": SPAMD_USER,
+        "spamd_children": SPAMD_CHILDREN,
+        "redis_max_memory": REDIS_MAX_MEMORY,
+        "mta_sts_policy": mta_sts_policy(settings),
+        "certbot_token": secrets.certbot_token,
+        "certificate_names": names,
+        "certificate_san": ",".join(f"DNS:{n}" for n in names),
+        "alert_email": settings.alert_email,
+        "acme_server": ACME_SERVER,
+        "webmail_des_key": secrets.webmail_des_key,
+        **milters(settings),
+    }
+
+
+def _templates(settings: Settings) -> Iterator[tuple[str, str]]:
+    """(template name, destination path) of every file the settings call for."""
+    for layer in layers(settings):
+        for template in sorted((FILES / layer).rglob("*.j2")):
+            relative = template.relative_to(FILES / layer)
+            yield f"{layer}/{relative}", "/" + str(relative.with_suffix(""))
+    if settings.relay is not Relay.DIRECT:
+        yield "relay/sasl_passwd.j2", "/etc/postfix/sasl_passwd"
+
+
+def _file(path: str, content: str, settings: Settings) -> BundleFile:
+    secret = {p.format(selector=settings.dkim_selector): v for p, v in SECRET_FILES.items()}
+    if path in secret:
+        mode, owner, group = secret[path]
+        return BundleFile(path, content, mode, owner, group, secret=True)
+    mode = 0o755 if path.endswith(".sh") or path.startswith("/usr/local/sbin/") else 0o644
+    return BundleFile(path, content, mode)
+
+
+def services(settings: Settings) -> tuple[Service, ...]:
+    """Each daemon with its files, its own checker and how it picks up a change."""
+    postmaps = tuple(f"postmap /etc/postfix/{m}" for m in POSTFIX_MAPS)
+    if settings.relay is not Relay.DIRECT:
+        postmaps += ("postmap /etc/postfix/sasl_passwd",)
+    common = [
+        Service(
+            "tls",
+            ("/usr/local/sbin/mailroom-certificate", "/etc/letsencrypt/"),
+            prepare=("/usr/local/sbin/mailroom-certificate",),
+        ),
+        Service(
+            "postfix",
+            ("/etc/postfix/", "/etc/aliases"),
+            prepare=(*postmaps, "newaliases"),
+            check=("postfix check",),
+            reload="systemctl reload-or-restart postfix",
+        ),
+        Service(
+            "dovecot",
+            ("/etc/dovecot/",),
+            prepare=(
+                "getent passwd vmail >/dev/null || useradd --system --user-group --home-dir "
+                f"{MAIL_DIR} --shell /usr/sbin/nologin vmail",
+                f"install -d -o vmail -g vmail -m 0750 {MAIL_DIR}",
+                "sievec /etc/dovecot/sieve/spam-to-junk.sieve",
+                "sievec /etc/dovecot/sieve/learn-spam.sieve",
+                "sievec /etc/dovecot/sieve/learn-ham.sieve",
+            ),
+            check=("doveconf -n >/dev/null",),
+            reload="systemctl reload-or-restart dovecot",
+        ),
+        Service(
+            "unbound",
+            ("/etc/unbound/",),
+            check=("unbound-checkconf",),
+            reload="systemctl reload-or-restart unbound",
+        ),
+        Service(
+            "nginx",
+            ("/etc/nginx/", "/var/www/mailroom/"),
+            check=("nginx -t -q",),
+            reload="systemctl reload-or-restart nginx",
+        ),
+        Service(
+            "fail2ban",
+            ("/etc/fail2ban/",),
+            check=("fail2ban-client -t >/dev/null",),
+            reload="systemctl reload-or-restart fail2ban",
+        ),
+        Service(
+            "journald",
+            ("/etc/systemd/journald.conf.d/",),
+            reload="systemctl restart systemd-journald",
+        ),
+    ]
+    if settings.spam_filter is SpamFilter.SPAMASSASSIN:
+        common += [
+            Service(
+                "opendkim",
+                ("/etc/opendkim.conf", "/etc/opendkim/"),
+                check=("opendkim -n -x /etc/opendkim.conf",),
+                reload="systemctl reload-or-restart opendkim",
+            ),
+            Service(
+                "spamassassin",
+                ("/etc/spamassassin/", "/etc/default/spamd", "/etc/default/spamass-milter"),
+                prepare=(f"install -d -o {SPAMD_USER} -g {SPAMD_USER} -m 0770 /var/lib/spamassassin/bayes",),
+                check=("spamassassin --lint",),
+                reload="systemctl reload-or-restart spamd spamass-milter",
+            ),
+        ]
+    else:
+        common += [
+            Service(
+                "redis",
+                ("/etc/systemd/system/redis-server.service.d/",),
+                prepare=("systemctl daemon-reload",),
+                reload="systemctl restart redis-server",
+            ),
+            Service(
+                "rspamd",
+                ("/etc/rspamd/",),
+                check=("rspamadm configtest",),
+                reload="systemctl reload-or-restart rspamd",
+            ),
+        ]
+    if settings.webmail:
+        common.append(
+            Service(
+                "roundcube",
+                ("/etc/roundcube/",),
+                check=("php -l /etc/roundcube/config.inc.php >/dev/null",),
+                reload="systemctl reload-or-restart 'php*-fpm.service'",
+            )
+        )
+    return tuple(common)
+
+
+def render_bundle(settings: Settings, secrets: ServerSecrets) -> Bundle:
+    environment = _environment()
+    values = context(settings, secrets)
+    files = [
+        _file(path, environment.get_template(template).render(values), settings)
+        for template, path in _templates(settings)
+    ]
+    selector = settings.dkim_selector
+    key_path = (
+        f"/etc/opendkim/keys/{selector}.private"
+        if settings.spam_filter is SpamFilter.SPAMASSASSIN
+        else f"/etc/rspamd/dkim/{selector}.key"
+    )
+    files.append(_file(key_path, secrets.dkim_private_key_pem, settings))
+    unwanted = [p for mode, names in SPAM.items() if mode is not settings.spam_filter for p in names]
+    unwanted += [] if settings.webmail else list(WEBMAIL)
+    return Bundle(
+        files=tuple(sorted(files, key=lambda f: f.path)),
+        services=services(settings),
+        packages=packages(settings),
+        absent_packages=tuple(p for p in unwanted if p not in packages(settings)),
+    )
