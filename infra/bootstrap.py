@@ -33,14 +33,18 @@ def _environment() -> jinja2.Environment:
 
 
 def render_user_data(settings: Settings) -> str:
-    return _environment().get_template("user-data.yaml.j2").render(
-        host_name=settings.host_name,
-        host_label=settings.host_label,
-        admin_user=settings.admin_user,
-        ssh_public_keys=settings.ssh_public_keys,
-        swap_bytes=SWAP_BYTES,
-        volume_device=volume_device(settings),
-        mail_dir=MAIL_DIR,
-        packages=packages(settings),
-        image=settings.image.value,
+    return (
+        _environment()
+        .get_template("user-data.yaml.j2")
+        .render(
+            host_name=settings.host_name,
+            host_label=settings.host_label,
+            admin_user=settings.admin_user,
+            ssh_public_keys=settings.ssh_public_keys,
+            swap_bytes=SWAP_BYTES,
+            volume_device=volume_device(settings),
+            mail_dir=MAIL_DIR,
+            packages=packages(settings),
+            image=settings.image.value,
+        )
     )

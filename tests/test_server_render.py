@@ -1,0 +1,359 @@
+"""The server bundle, for every spam filter x relay x webmail, checked by the daemons' own tools.
+
+Each bundle is written under a scratch root; paths inside the files that point at bundle files
+are moved under that root too, so `postfix check`, `doveconf`, `opendkim`, `spamassassin
+--lint`, `rspamadm configtest`, `nginx -t`, `unbound-checkconf`, `fail2ban-client -t`,
+`sievec` and `shellcheck` read exactly what the server would, from the scratch root.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from itertools import product
+from pathlib import Path
+
+import pytest
+
+from infra.bootstrap import render_user_data
+from infra.bundle import Bundle
+from infra.server import render_bundle
+from infra.settings import Settings, parse_settings
+from infra.stack import stack_config
+from infra.stand_ins import generated_secrets
+
+COMBINATIONS = [
+    pytest.param(spam, relay, webmail, id=f"{spam}-{relay}-{'webmail' if webmail else 'nowebmail'}")
+    for spam, relay, webmail in product(("spamassassin", "rspamd"), ("ses", "smtp2go", "direct"), (False, True))
+]
+# Directories whose paths are moved under the scratch root inside the rendered files.
+MOVED = ("/etc/postfix/", "/etc/dovecot/", "/etc/mailroom/", "/etc/opendkim", "/etc/rspamd/", "/etc/nginx/",
+         "/var/www/mailroom/", "/etc/unbound/", "/etc/fail2ban/", "/etc/letsencrypt/", "/etc/spamassassin/")  # fmt: skip
+SECRETS = generated_secrets()
+
+
+def settings_for(spam: str, relay: str, webmail: bool, **more: object) -> Settings:
+    extra = {"smtp2goUsername": "mailroom"} if relay == "smtp2go" else {}
+    return parse_settings(
+        stack_config("dev", {"spamFilter": spam, "relay": relay, "webmail": webmail, **extra, **more})
+    )
+
+
+def run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120, cwd=cwd)
+
+
+def materialize(bundle: Bundle, root: Path) -> Path:
+    """Write the bundle under ROOT, with a self-signed certificate as the server makes one."""
+    pattern = re.compile("|".join(re.escape(p) for p in MOVED))
+    for f in bundle.files:
+        target = root / f.path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(pattern.sub(lambda m: str(root) + m.group(0), f.content))
+        target.chmod(f.mode)
+        shutil.chown(target, f.owner, f.group)
+    tls = root / "etc/mailroom/tls"
+    tls.mkdir(parents=True, exist_ok=True)
+    made = run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mail.example.net",
+               "-keyout", str(tls / "privkey.pem"), "-out", str(tls / "fullchain.pem"))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    return root
+
+
+needs = {tool: shutil.which(tool) is not None for tool in ("postfix", "doveconf", "sievec", "opendkim", "spamassassin",
+         "rspamadm", "nginx", "unbound-checkconf", "fail2ban-client", "shellcheck", "cloud-init", "php")}  # fmt: skip
+
+
+def skip_without(tool: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(
+        not needs[tool], reason=f"{tool} is not installed (make setup installs it from requirements-debian.txt)"
+    )
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, bool], tuple[Settings, Bundle, Path]]:
+    out = {}
+    for spam, relay, webmail in product(("spamassassin", "rspamd"), ("ses", "smtp2go", "direct"), (False, True)):
+        settings = settings_for(spam, relay, webmail)
+        bundle = render_bundle(settings, SECRETS)
+        root = tmp_path_factory.mktemp(f"{spam}-{relay}-{webmail}")
+        root.chmod(0o755)
+        out[(spam, relay, webmail)] = (settings, bundle, materialize(bundle, root))
+    return out
+
+
+def postconf(root: Path) -> dict[str, str]:
+    result = run("postconf", "-c", str(root / "etc/postfix"), "-n")
+    assert result.returncode == 0, result.stderr
+    return dict(line.split(" = ", 1) for line in result.stdout.splitlines())
+
+
+@pytest.mark.daemons
+@skip_without("postfix")
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_postfix_accepts_the_configuration(rendered: dict, spam: str, relay: str, webmail: bool) -> None:  # type: ignore[type-arg]
+    settings, bundle, root = rendered[(spam, relay, webmail)]
+    for name in ("virtual_mailboxes", "virtual_aliases", "sender_logins", "sasl_passwd"):
+        if (root / "etc/postfix" / name).exists():
+            made = run("postmap", str(root / "etc/postfix" / name))
+            assert made.returncode == 0, made.stderr
+    checked = run("postfix", "-c", str(root / "etc/postfix"), "check")
+    assert checked.returncode == 0 and "fatal" not in checked.stderr, checked.stderr
+    assert "unknown" not in checked.stderr and "unused parameter" not in checked.stderr, checked.stderr
+    conf = postconf(root)
+    assert conf["myhostname"] == settings.host_name
+    assert conf["smtpd_relay_restrictions"].endswith("reject_unauth_destination")
+    assert conf["virtual_transport"] == "lmtp:unix:private/dovecot-lmtp"
+    assert conf["message_size_limit"] == str(settings.message_size_limit_mb * 1024 * 1024)
+    assert conf["smtputf8_enable"] == "yes"
+    assert "aNULL" in conf["smtpd_tls_exclude_ciphers"] and "EXPORT" in conf["smtpd_tls_exclude_ciphers"]
+    assert conf["milter_default_action"] == "tempfail"
+    if relay == "direct":
+        assert "relayhost" not in conf and conf["smtp_tls_security_level"] == "dane"
+    else:
+        assert conf["relayhost"].startswith("[") and conf["relayhost"].endswith("]:587")
+        assert conf["smtp_tls_security_level"] == "secure"
+
+
+@pytest.mark.daemons
+@skip_without("postfix")
+def test_submission_ports_require_tls_12_and_authentication(rendered: dict) -> None:  # type: ignore[type-arg]
+    _, _, root = rendered[("spamassassin", "ses", False)]
+    result = run("postconf", "-c", str(root / "etc/postfix"), "-P")
+    assert result.returncode == 0, result.stderr
+    services = {}
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition(" = ")
+        services[key] = value
+    for port in ("submission/inet", "submissions/inet"):
+        assert services[f"{port}/smtpd_tls_security_level"] == "encrypt"
+        assert services[f"{port}/smtpd_tls_protocols"] == ">=TLSv1.2"
+        assert services[f"{port}/smtpd_sasl_auth_enable"] == "yes"
+        assert services[f"{port}/smtpd_sender_restrictions"] == "reject_sender_login_mismatch"
+        assert services[f"{port}/smtpd_relay_restrictions"] == "permit_sasl_authenticated,reject"
+    assert services["submissions/inet/smtpd_tls_wrappermode"] == "yes"
+    # Mail from users is signed by OpenDKIM and never passed to the spam milter.
+    assert "spamass" not in services["submission/inet/smtpd_milters"]
+    assert "8891" in services["submission/inet/smtpd_milters"]
+    master = (root / "etc/postfix/master.cf").read_text()
+    assert re.search(r"^smtp\s+inet\s.*postscreen$", master, re.M)
+
+
+def test_sender_logins_let_users_send_as_their_aliases_only() -> None:
+    bundle = render_bundle(settings_for("spamassassin", "ses", False), SECRETS)
+    logins = dict(line.split(" ", 1) for line in bundle.file("/etc/postfix/sender_logins").content.splitlines() if line and not line.startswith("#"))  # fmt: skip
+    assert logins["alice@example.net"] == "alice@example.net"
+    assert logins["info@example.net"] == "alice@example.net"
+    assert logins["team@example.net"] == "alice@example.net, bob@example.net"
+    assert "bob@example.net" not in logins["alice@example.net"]
+
+
+@pytest.mark.daemons
+@skip_without("doveconf")
+@pytest.mark.parametrize("spam", ["spamassassin", "rspamd"])
+def test_dovecot_accepts_the_configuration(rendered: dict, spam: str) -> None:  # type: ignore[type-arg]
+    settings, _, root = rendered[(spam, "ses", False)]
+    result = run("doveconf", "-c", str(root / "etc/dovecot/dovecot.conf"), "-n")
+    assert result.returncode == 0, result.stderr
+    conf = result.stdout
+    assert "ssl = required" in conf
+    minimum = run("doveconf", "-c", str(root / "etc/dovecot/dovecot.conf"), "-h", "ssl_min_protocol")
+    assert minimum.stdout.strip() == "TLSv1.2"
+    assert re.search(r"inet_listener imap \{\s+port = 0", conf)
+    assert re.search(r"inet_listener imaps \{\s+port = 993", conf)
+    assert re.search(r"inet_listener sieve \{\s+port = 4190", conf)
+    for folder in ("Drafts", "Sent", "Junk", "Trash", "Archive"):
+        assert re.search(rf"mailbox {folder} \{{\s+auto = subscribe\s+special_use = \\{folder}", conf), folder
+    assert "imapsieve_mailbox1_name = Junk" in conf
+    users = (root / "etc/dovecot/users").read_text().splitlines()
+    for box, line in zip(settings.mailboxes, users, strict=True):
+        assert line.startswith(f"{box.address}:{{BLF-CRYPT}}$2y$")
+        assert line.endswith(f"userdb_quota_rule=*:storage={box.quota_mb}M")
+
+
+@pytest.mark.daemons
+@skip_without("sievec")
+@pytest.mark.parametrize("spam", ["spamassassin", "rspamd"])
+def test_sieve_scripts_compile(rendered: dict, spam: str) -> None:  # type: ignore[type-arg]
+    _, _, root = rendered[(spam, "ses", False)]
+    for script in ("spam-to-junk", "learn-spam", "learn-ham"):
+        path = root / "etc/dovecot/sieve" / f"{script}.sieve"
+        result = run("sievec", "-c", str(root / "etc/dovecot/dovecot.conf"), str(path))
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+        assert path.with_suffix(".svbin").exists()
+
+
+@pytest.mark.daemons
+@skip_without("opendkim")
+def test_opendkim_accepts_its_configuration_and_key(rendered: dict) -> None:  # type: ignore[type-arg]
+    _, bundle, root = rendered[("spamassassin", "ses", False)]
+    result = run("opendkim", "-n", "-x", str(root / "etc/opendkim.conf"))
+    assert result.returncode == 0, result.stderr + result.stdout
+    key = bundle.file("/etc/opendkim/keys/mail.private")
+    assert (key.mode, key.owner, key.secret) == (0o600, "opendkim", True)
+
+
+@pytest.mark.daemons
+@skip_without("spamassassin")
+def test_spamassassin_lints_clean(rendered: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    _, _, root = rendered[("spamassassin", "ses", False)]
+    # SpamAssassin reads its whole site directory: Debian's plugin loaders plus our local.cf.
+    siteconfig = tmp_path / "spamassassin"
+    shutil.copytree("/etc/spamassassin", siteconfig)
+    shutil.copytree(root / "etc/spamassassin", siteconfig, dirs_exist_ok=True)
+    result = run("spamassassin", "-L", "--lint", f"--siteconfigpath={siteconfig}")
+    assert result.returncode == 0, result.stderr
+    spamd = (root / "etc/default/spamd").read_text()
+    assert "--max-children 2" in spamd and "--allow-tell" in spamd and "--listen 127.0.0.1" in spamd
+
+
+@pytest.mark.daemons
+@skip_without("rspamadm")
+def test_rspamd_accepts_its_configuration(rendered: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    _, bundle, root = rendered[("rspamd", "ses", False)]
+    confdir = tmp_path / "rspamd"
+    shutil.copytree("/etc/rspamd", confdir)
+    shutil.copytree(root / "etc/rspamd", confdir, dirs_exist_ok=True)
+    result = run(
+        "rspamadm",
+        f"--var=CONFDIR={confdir}",
+        f"--var=LOCAL_CONFDIR={confdir}",
+        "configtest",
+        "-c",
+        str(confdir / "rspamd.conf"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "syntax OK" in result.stdout
+    assert not [f for f in bundle.files if "opendkim" in f.path or "spamassassin" in f.path]
+    assert {"opendkim", "spamassassin", "spamd"} <= set(bundle.absent_packages)
+    assert "--maxmemory 64mb" in bundle.file("/etc/systemd/system/redis-server.service.d/mailroom.conf").content
+
+
+@pytest.mark.daemons
+@skip_without("nginx")
+@pytest.mark.parametrize("webmail", [False, True])
+def test_nginx_accepts_the_sites(rendered: dict, webmail: bool) -> None:  # type: ignore[type-arg]
+    _, _, root = rendered[("rspamd", "ses", webmail)]
+    nginx = root / "etc/nginx"
+    for shared in ("snippets", "fastcgi.conf", "mime.types"):
+        source = Path("/etc/nginx") / shared
+        if source.is_dir():
+            shutil.copytree(source, nginx / shared, dirs_exist_ok=True)
+        else:
+            shutil.copy(source, nginx / shared)
+    (nginx / "nginx.conf").write_text(
+        f"pid {root}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+        f"http {{\n  access_log off;\n  include {nginx}/sites-enabled/*.conf;\n}}\n"
+    )
+    result = run("nginx", "-t", "-c", str(nginx / "nginx.conf"), "-p", str(root), "-e", "stderr")
+    assert result.returncode == 0, result.stderr
+    sites = (nginx / "sites-enabled/mailroom.conf").read_text()
+    assert "server_name mta-sts.example.net;" in sites and "ssl_protocols TLSv1.2 TLSv1.3;" in sites
+    assert (nginx / "sites-enabled/mailroom-webmail.conf").exists() is webmail
+
+
+def test_mta_sts_policy_served_is_the_one_published() -> None:
+    from infra.records import mta_sts_policy
+
+    settings = settings_for("rspamd", "ses", False, mtaStsMode="enforce")
+    served = render_bundle(settings, SECRETS).file("/var/www/mailroom/mta-sts/.well-known/mta-sts.txt").content
+    assert served == mta_sts_policy(settings)
+    assert "mode: enforce\nmx: mail.example.net\n" in served
+
+
+def test_autoconfig_names_the_host_and_ports() -> None:
+    import xml.etree.ElementTree as ET
+
+    bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
+    xml = ET.fromstring(bundle.file("/var/www/mailroom/autoconfig/mail/config-v1.1.xml").content)  # noqa: S314
+    servers = [(s.get("type"), s.findtext("hostname"), s.findtext("port"), s.findtext("socketType")) for s in xml.iter() if s.tag.endswith("Server")]  # fmt: skip
+    assert servers == [
+        ("imap", "mail.example.net", "993", "SSL"),
+        ("smtp", "mail.example.net", "465", "SSL"),
+        ("smtp", "mail.example.net", "587", "STARTTLS"),
+    ]
+
+
+@pytest.mark.daemons
+@skip_without("unbound-checkconf")
+def test_unbound_accepts_the_resolver(rendered: dict) -> None:  # type: ignore[type-arg]
+    _, _, root = rendered[("rspamd", "ses", False)]
+    wrapper = root / "unbound.conf"
+    wrapper.write_text(f"include: {root}/etc/unbound/unbound.conf.d/mailroom.conf\n")
+    result = run("unbound-checkconf", str(wrapper))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.daemons
+@skip_without("fail2ban-client")
+def test_fail2ban_accepts_the_jails(rendered: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    _, _, root = rendered[("rspamd", "ses", False)]
+    confdir = tmp_path / "fail2ban"
+    shutil.copytree("/etc/fail2ban", confdir)
+    shutil.copytree(root / "etc/fail2ban", confdir, dirs_exist_ok=True)
+    result = run("fail2ban-client", "-c", str(confdir), "-d")
+    assert result.returncode == 0, result.stderr
+    for jail in ("sshd", "postfix-sasl", "dovecot"):
+        assert f"['add', '{jail}', 'systemd']" in result.stdout, jail
+
+
+@pytest.mark.daemons
+@skip_without("shellcheck")
+@pytest.mark.parametrize("spam", ["spamassassin", "rspamd"])
+def test_every_shell_script_passes_shellcheck(rendered: dict, spam: str) -> None:  # type: ignore[type-arg]
+    _, bundle, root = rendered[(spam, "ses", False)]
+    scripts = [root / f.path.lstrip("/") for f in bundle.files if f.content.startswith("#!/bin/sh")]
+    assert len(scripts) >= 4
+    result = run("shellcheck", "--shell=sh", *map(str, scripts))
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.daemons
+@skip_without("php")
+def test_roundcube_configuration_is_valid_php(rendered: dict) -> None:  # type: ignore[type-arg]
+    _, _, root = rendered[("rspamd", "ses", True)]
+    result = run("php", "-l", str(root / "etc/roundcube/config.inc.php"))
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_secrets_live_only_in_secret_root_only_files(spam: str, relay: str, webmail: bool) -> None:
+    settings = settings_for(spam, relay, webmail)
+    bundle = render_bundle(settings, SECRETS)
+    secrets = [SECRETS.relay_password, SECRETS.certbot_token, SECRETS.dkim_private_key_pem.splitlines()[1]]
+    secrets += [b.password_hash.reveal() for b in settings.mailboxes]
+    secrets += [SECRETS.webmail_des_key] if webmail else []
+    if relay == "direct":
+        secrets.remove(SECRETS.relay_password)
+    for secret in secrets:
+        holders = [f for f in bundle.files if secret in f.content]
+        assert holders, "each secret reaches the server"
+        for f in holders:
+            assert f.secret and not f.mode & 0o007, f"{f.path} holds a secret but is {oct(f.mode)}"
+    assert not [s for s in secrets if s in render_user_data(settings)]
+
+
+def test_ubuntu_and_debian_get_the_same_configuration() -> None:
+    """Every setting used is valid on both Postfix 3.7/3.8 and Dovecot 2.3.19/2.3.21: no line differs."""
+    debian = render_bundle(settings_for("rspamd", "ses", True, image="debian-12-x64"), SECRETS)
+    ubuntu = render_bundle(settings_for("rspamd", "ses", True, image="ubuntu-24-04-x64"), SECRETS)
+    assert debian.to_json() == ubuntu.to_json()
+
+
+def test_changing_one_setting_changes_only_the_files_it_concerns() -> None:
+    before = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
+    after = render_bundle(settings_for("rspamd", "ses", False, messageSizeLimitMb=40), SECRETS)
+    changed = {f.path for f in after.files if f.content != before.file(f.path).content}
+    assert changed == {"/etc/postfix/main.cf"}
+
+
+@pytest.mark.daemons
+@skip_without("cloud-init")
+@pytest.mark.parametrize("image", ["ubuntu-24-04-x64", "debian-12-x64"])
+def test_user_data_validates_against_cloud_init_schema(tmp_path: Path, image: str) -> None:
+    user_data = tmp_path / "user-data"
+    user_data.write_text(render_user_data(settings_for("spamassassin", "ses", False, image=image)))
+    result = run("cloud-init", "schema", "--config-file", str(user_data))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("Valid cloud-config")
