@@ -93,7 +93,7 @@ def postconf(root: Path) -> dict[str, str]:
 @skip_without("postfix")
 @pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
 def test_postfix_accepts_the_configuration(rendered: dict, spam: str, relay: str, webmail: bool) -> None:  # type: ignore[type-arg]
-    settings, bundle, root = rendered[(spam, relay, webmail)]
+    settings, _, root = rendered[(spam, relay, webmail)]
     for name in ("virtual_mailboxes", "virtual_aliases", "sender_logins", "sasl_passwd"):
         if (root / "etc/postfix" / name).exists():
             made = run("postmap", str(root / "etc/postfix" / name))
