@@ -98,8 +98,7 @@ class Provisioning(pulumi.ComponentResource):
             triggers=[server_id, script_digest()],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[waited]),
         )
-        # (pulumi's Input[U] cannot be solved by mypy here: it infers Never.)
-        secret_bundle: pulumi.Output[Bundle] = pulumi.Output.secret(bundle)  # type: ignore[arg-type]
+        secret_bundle: pulumi.Output[Bundle] = pulumi.Output.secret(bundle)
         bundle_json = secret_bundle.apply(lambda b: b.to_json())
         bundle_digest = secret_bundle.apply(lambda b: b.digest())
         self.applied = command.remote.Command(

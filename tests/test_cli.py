@@ -64,7 +64,11 @@ def test_zone_prints_a_zone_file_that_dns_tools_load(capsys: pytest.CaptureFixtu
 
 def test_python_dash_m_infra_runs_as_documented() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "infra", "zone", "--stack", "dev"], capture_output=True, text=True, check=False, timeout=120
+        [sys.executable, "-m", "infra", "zone", "--stack", "dev"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "IN\tMX\t10 mail.example.net." in result.stdout

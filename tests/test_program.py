@@ -70,7 +70,7 @@ def test_firewall_opens_exactly_the_mail_ports_and_ssh_only_to_admins(stack: str
     run = run_for(stack, relay, spam)
     rules = run.one(FIREWALL).inputs["inboundRules"]
     opened = {(r["protocol"], r.get("portRange", ""), tuple(r["sourceAddresses"])) for r in rules}
-    expected = {("tcp", str(p), ANYWHERE) for p in PUBLIC_TCP_PORTS}
+    expected: set[tuple[str, str, tuple[str, ...]]] = {("tcp", str(p), ANYWHERE) for p in PUBLIC_TCP_PORTS}
     expected |= {("tcp", str(SSH_PORT), run.settings.admin_cidrs), ("icmp", "", ANYWHERE)}
     assert opened == expected
     ssh_sources = [s for r in rules if r.get("portRange") == "22" for s in r["sourceAddresses"]]
