@@ -17,7 +17,7 @@ from infra.host import MailHost
 from infra.provisioning import Provisioning
 from infra.records import Facts, dkim_public_key_body
 from infra.relay import SesRelay
-from infra.server import render_bundle
+from infra.server import certificate_names, render_bundle
 from infra.settings import Relay, Settings, decode_config_value, load_schema, parse_settings
 from infra.stack import PROJECT
 
@@ -96,6 +96,7 @@ def build(settings: Settings) -> dict[str, Any]:
         private_key=pulumi.Output.secret(deploy_key.private_key_openssh),
         server_id=host.droplet.id,
         bundle=secrets.apply(lambda s: render_bundle(settings, s)),
+        certificate_names=certificate_names(settings),
         depends_on=[host],
     )
 

@@ -1,8 +1,8 @@
 """Provisioning: the remote commands that converge the server after the droplet exists.
 
-Three steps, each a `command.remote.Command` over SSH as the admin user with mailroom's deploy
+Four steps, each a `command.remote.Command` over SSH as the admin user with mailroom's deploy
 key: wait until cloud-init's bootstrap finished; install the apply script; send the bundle to
-it. Secrets travel only inside the bundle, on the stdin of the last step, and its output is
+it; obtain the Let's Encrypt certificate. Secrets travel only inside the bundle, on the stdin of the last step, and its output is
 kept secret and unlogged. A step re-runs only when what it carries changes (its triggers).
 """
 
@@ -33,6 +33,9 @@ echo "bootstrap finished"
 """
 INSTALL_APPLY_SCRIPT = f"sudo install -D -m 0755 -o root -g root /dev/stdin {APPLY_PATH}"
 RUN_APPLY = f"sudo /usr/bin/python3 {APPLY_PATH}"
+# After the bundle (which holds certbot's token and installs a self-signed certificate):
+# Let's Encrypt's certificate over DNS-01; certbot's own timer renews it.
+ISSUE_CERTIFICATE = "sudo /usr/local/sbin/mailroom-certificate --issue"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ STEPS = (
     Step("wait-for-bootstrap", WAIT_FOR_BOOTSTRAP),
     Step("install-apply-script", INSTALL_APPLY_SCRIPT),
     Step("apply-bundle", RUN_APPLY, stdin_is_secret=True),
+    Step("issue-certificate", ISSUE_CERTIFICATE),
 )
 
 
@@ -69,6 +73,7 @@ class Provisioning(pulumi.ComponentResource):
         private_key: pulumi.Output[str],
         server_id: pulumi.Output[str],
         bundle: pulumi.Output[Bundle],
+        certificate_names: list[str],
         depends_on: list[pulumi.Resource],
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
@@ -81,7 +86,7 @@ class Provisioning(pulumi.ComponentResource):
             dial_error_limit=60,
             per_dial_timeout=10,
         )
-        wait, install, apply = STEPS
+        wait, install, apply, issue = STEPS
         # Re-run on a new droplet only: bootstrap happens once per machine.
         waited = command.remote.Command(
             f"{name}-{wait.name}",
@@ -112,5 +117,13 @@ class Provisioning(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(
                 parent=self, depends_on=[installed], additional_secret_outputs=["stdout", "stderr"]
             ),
+        )
+        command.remote.Command(
+            f"{name}-{issue.name}",
+            connection=connection,
+            create=issue.create,
+            # Once per server and set of names; the script itself skips an existing certificate.
+            triggers=[server_id, *certificate_names],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.applied]),
         )
         self.register_outputs({})

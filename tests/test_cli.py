@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import dns.zone
 import pytest
@@ -72,3 +74,20 @@ def test_python_dash_m_infra_runs_as_documented() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "IN\tMX\t10 mail.example.net." in result.stdout
+
+
+def test_render_writes_user_data_and_bundle_with_placeholder_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["render", "--stack", "dev", "--set", "spamFilter=rspamd", "--out", str(tmp_path)]) == 0
+    assert "secrets are placeholders" in capsys.readouterr().out
+    assert (tmp_path / "user-data").read_text().startswith("#cloud-config\n")
+    assert (tmp_path / "bundle/etc/rspamd/local.d/dkim_signing.conf").exists()
+    assert not (tmp_path / "bundle/etc/opendkim.conf").exists()
+    cloudflare = (tmp_path / "bundle/etc/letsencrypt/mailroom-cloudflare.ini").read_text()
+    assert "<secret: the Cloudflare DNS token from Pulumi state>" in cloudflare
+    assert oct((tmp_path / "bundle/etc/dovecot/users").stat().st_mode & 0o777) == "0o640"
+    bundle = json.loads((tmp_path / "bundle.json").read_text())
+    assert {f["path"] for f in bundle["files"]} == {
+        "/" + str(p.relative_to(tmp_path / "bundle")) for p in (tmp_path / "bundle").rglob("*") if p.is_file()
+    }

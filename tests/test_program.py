@@ -235,13 +235,18 @@ def commands(run: OfflineRun) -> dict[str, Any]:
 def test_remote_commands_wait_for_bootstrap_and_carry_secrets_only_on_stdin(stack: str, relay: str, spam: str) -> None:
     run = run_for(stack, relay, spam)
     steps = commands(run)
-    assert list(steps) == ["wait-for-bootstrap", "install-apply-script", "apply-bundle"]
-    wait, install, apply = steps.values()
+    assert list(steps) == ["wait-for-bootstrap", "install-apply-script", "apply-bundle", "issue-certificate"]
+    wait, install, apply, issue = steps.values()
     droplet = run.one(DROPLET)
     attachment = run.one("digitalocean:index/volumeAttachment:VolumeAttachment")
     assert {droplet.urn, attachment.urn} <= set(wait.dependencies)
     assert "cloud-init status --wait" in wait.inputs["create"] and BOOTSTRAP_MARKER in wait.inputs["create"]
-    assert wait.urn in install.dependencies and install.urn in apply.dependencies
+    assert wait.urn in install.dependencies and install.urn in apply.dependencies and apply.urn in issue.dependencies
+    assert issue.inputs["triggers"][1:] == [
+        run.settings.host_name,
+        f"mta-sts.{run.settings.domain}",
+        f"autoconfig.{run.settings.domain}",
+    ]
     assert install.inputs["stdin"].startswith("#!") and APPLY_PATH in install.inputs["create"]
     for step in steps.values():
         assert step.inputs["connection"]["host"] == droplet.state["ipv4Address"]
@@ -266,7 +271,7 @@ def test_remote_commands_rerun_only_when_what_they_carry_changes() -> None:
     for name in base:
         assert base[name].inputs["triggers"] == same[name].inputs["triggers"], name
     assert base["apply-bundle"].inputs["triggers"] != changed["apply-bundle"].inputs["triggers"]
-    for name in ("wait-for-bootstrap", "install-apply-script"):
+    for name in ("wait-for-bootstrap", "install-apply-script", "issue-certificate"):
         assert base[name].inputs["triggers"] == changed[name].inputs["triggers"], name
     assert base["wait-for-bootstrap"].inputs["triggers"] == [base["wait-for-bootstrap"].inputs["triggers"][0]]
 
@@ -312,7 +317,12 @@ def test_remote_steps_come_out_in_dependency_order_with_their_stdin() -> None:
 
     run = offline_run("dev")
     steps = remote_steps(run)
-    names = ["server-wait-for-bootstrap", "server-install-apply-script", "server-apply-bundle"]
+    names = [
+        "server-wait-for-bootstrap",
+        "server-install-apply-script",
+        "server-apply-bundle",
+        "server-issue-certificate",
+    ]
     assert [s.name for s in steps] == names
     assert steps[2].stdin == commands(run)["apply-bundle"].inputs["stdin"]
     assert "stdin=yes" in repr(steps[2]) and "BLF-CRYPT" not in repr(steps[2])
