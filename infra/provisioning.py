@@ -2,8 +2,9 @@
 
 Four steps, each a `command.remote.Command` over SSH as the admin user with mailroom's deploy
 key: wait until cloud-init's bootstrap finished; install the apply script; send the bundle to
-it; obtain the Let's Encrypt certificate. Secrets travel only inside the bundle, on the stdin of the last step, and its output is
-kept secret and unlogged. A step re-runs only when what it carries changes (its triggers).
+it; obtain the Let's Encrypt certificate. Secrets travel only inside the bundle, on the stdin
+of the apply step, whose output is kept secret and unlogged. A step re-runs only when what it
+carries changes (its triggers).
 """
 
 from __future__ import annotations
