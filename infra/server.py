@@ -156,7 +156,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
     common = [
         Service(
             "tls",
-            ("/usr/local/sbin/mailroom-certificate", "/etc/letsencrypt/"),
+            ("/usr/local/sbin/mailroom-certificate", "/etc/letsencrypt/", "/etc/cron.d/mailroom-certificate"),
             prepare=("/usr/local/sbin/mailroom-certificate",),
         ),
         Service(
