@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= dev
 
-.PHONY: setup setup-python setup-debian test lint typecheck unit plan zone render
+.PHONY: setup setup-python setup-debian test lint typecheck unit plan zone render lab lab-down
 
 setup: setup-debian setup-python
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 setup-debian:
-	@missing=$$(grep -v '^#' requirements-debian.txt | xargs -n1 | while read -r p; do \
+	@missing=$$(cat requirements-debian.txt requirements-lab-debian.txt | grep -v '^#'  | xargs -n1 | while read -r p; do \
 	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q 'ok installed' || echo "$$p"; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
@@ -45,3 +45,10 @@ zone: setup-python
 
 render: setup-python
 	$(PY) -m infra render --stack $(STACK) --out out/$(STACK)
+
+# The README's main command: the real mail stack on a local Debian 12 host, left running.
+lab: setup
+	$(PY) -m infra lab up --stack $(STACK)
+
+lab-down: setup-python
+	$(PY) -m infra lab down

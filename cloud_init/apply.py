@@ -205,7 +205,7 @@ def apply(doc: dict[str, Any], root: Path) -> dict[str, Any]:
                     f"service {service['name']}: `{service['reload']}` failed (exit {result.returncode}) "
                     f"after its checks passed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
                 )
-        reloaded.append(service["name"])
+            reloaded.append(service["name"])
     state_file.parent.mkdir(parents=True, exist_ok=True)
     write(state_file, json.dumps({"files": sorted(wanted_paths)}).encode(), 0o600, 0, 0)
     return {"changed": changed, "reloaded": reloaded, "installed": installed, "removed_packages": purged}

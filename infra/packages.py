@@ -6,6 +6,8 @@ from infra.settings import Image, Settings, SpamFilter
 
 BASE = (
     "postfix",
+    # SASL mechanisms for Postfix's client (AUTH PLAIN/LOGIN to the relay); only recommended by the package.
+    "libsasl2-modules",
     "dovecot-core",
     "dovecot-imapd",
     "dovecot-lmtpd",
@@ -16,6 +18,8 @@ BASE = (
     "certbot",
     "python3-certbot-dns-cloudflare",
     "fail2ban",
+    # fail2ban reads the journal (backend systemd) through it.
+    "python3-systemd",
     "nftables",
     "unattended-upgrades",
     "ca-certificates",

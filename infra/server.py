@@ -173,11 +173,12 @@ def services(settings: Settings) -> tuple[Service, ...]:
                 "getent passwd vmail >/dev/null || useradd --system --user-group --home-dir "
                 f"{MAIL_DIR} --shell /usr/sbin/nologin vmail",
                 f"install -d -o vmail -g vmail -m 0750 {MAIL_DIR}",
-                "sievec /etc/dovecot/sieve/spam-to-junk.sieve",
-                "sievec /etc/dovecot/sieve/learn-spam.sieve",
-                "sievec /etc/dovecot/sieve/learn-ham.sieve",
+                "sievec -c /etc/dovecot/dovecot.conf /etc/dovecot/sieve/spam-to-junk.sieve",
+                "sievec -c /etc/dovecot/dovecot.conf /etc/dovecot/sieve/learn-spam.sieve",
+                "sievec -c /etc/dovecot/dovecot.conf /etc/dovecot/sieve/learn-ham.sieve",
             ),
-            check=("doveconf -n >/dev/null",),
+            # -c: read the new file, not the running daemon's configuration socket.
+            check=("doveconf -c /etc/dovecot/dovecot.conf -n >/dev/null",),
             reload="systemctl reload-or-restart dovecot",
         ),
         Service(
@@ -210,7 +211,8 @@ def services(settings: Settings) -> tuple[Service, ...]:
                 "opendkim",
                 ("/etc/opendkim.conf", "/etc/opendkim/"),
                 check=("opendkim -n -x /etc/opendkim.conf",),
-                reload="systemctl reload-or-restart opendkim",
+                # A restart: OpenDKIM re-reads keys on reload, but not its socket.
+                reload="systemctl restart opendkim",
             ),
             Service(
                 "spamassassin",

@@ -1,0 +1,1 @@
+"""The lab: the droplet rehearsed on this machine (see infra/lab/control.py)."""

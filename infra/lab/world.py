@@ -1,0 +1,111 @@
+"""The outside world, stood in for inside the lab's world namespace.
+
+`python -m infra.lab.world dns ZONEFILE ADDRESS` serves a zone file (the records function's
+output, plus the lab's few outside names) as the authoritative and only DNS of the lab.
+
+`python -m infra.lab.world ses DIR ADDRESS HOSTNAME USER PASSWORD_FILE` answers as the SES SMTP
+endpoint: STARTTLS with a lab CA certificate, AUTH PLAIN/LOGIN accepting only the one user and
+password, each accepted message written to DIR. Writing `4xx` or `5xx` into DIR/mode makes it
+answer 451 / 554 to recipients; stopping the process takes it away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SUBMISSION_PORT = 587
+
+
+def serve_dns(zone_file: Path, address: str) -> None:
+    from dnslib.server import DNSServer
+    from dnslib.zoneresolver import ZoneResolver
+
+    resolver = ZoneResolver(zone_file.read_text(), glob=False)
+    servers = [DNSServer(resolver, address=address, port=53, tcp=tcp) for tcp in (False, True)]
+    for server in servers:
+        server.start_thread()
+    while all(s.isAlive() for s in servers):
+        time.sleep(1)
+
+
+class SesStandIn:
+    """aiosmtpd handler: record what SES would have accepted, or fail as told."""
+
+    def __init__(self, spool: Path) -> None:
+        self.spool = spool
+
+    def mode(self) -> str:
+        path = self.spool / "mode"
+        return path.read_text().strip() if path.exists() else "ok"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:  # noqa: N802
+        mode = self.mode()
+        if mode == "4xx":
+            return "451 4.4.2 Temporary service failure (lab)"
+        if mode == "5xx" or "reject" in address:
+            return "554 5.7.1 Message rejected: address is not verified (lab)"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        stamp = f"{time.time():.6f}"
+        (self.spool / f"{stamp}.eml").write_bytes(envelope.original_content or envelope.content)
+        login = getattr(session.login_data, "login", b"")  # the user name only, never the password
+        meta = {"from": envelope.mail_from, "to": envelope.rcpt_tos, "login": login.decode()}
+        (self.spool / f"{stamp}.json").write_text(json.dumps(meta))
+        return f"250 Ok {email.utils.make_msgid(domain='amazonses.com')[1:-1]}"
+
+
+def serve_ses(spool: Path, address: str, hostname: str, user: str, password_file: Path, cert: Path, key: Path) -> None:
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    password = password_file.read_text().strip()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and data.login.decode() == user and data.password.decode() == password
+        return AuthResult(success=ok, handled=False)
+
+    spool.mkdir(parents=True, exist_ok=True)
+    controller = Controller(
+        SesStandIn(spool),
+        hostname=address,
+        port=SUBMISSION_PORT,
+        server_hostname=hostname,
+        tls_context=context,
+        require_starttls=True,
+        auth_required=True,
+        auth_require_tls=True,
+        authenticator=authenticate,
+        data_size_limit=40 * 1024 * 1024,
+    )
+    controller.start()
+    try:
+        while True:
+            time.sleep(1)
+    finally:
+        controller.stop()
+
+
+def main(argv: list[str]) -> None:
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    if argv[0] == "dns":
+        serve_dns(Path(argv[1]), argv[2])
+    elif argv[0] == "ses":
+        spool, address, hostname, user, password_file, cert, key = argv[1:8]
+        serve_ses(Path(spool), address, hostname, user, Path(password_file), Path(cert), Path(key))
+    else:
+        raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,201 @@
+"""The lab: the program's own user-data and remote commands on a real Debian 12 host, real mail.
+
+Marked `lab`: each spam filter mode boots a fresh host (systemd-nspawn, in network namespaces
+on documentation addresses), deploys the dev stack through the program's remote commands, and
+exchanges mail with a stand-in outside world. The lab is torn down after each mode, even on
+failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import smtplib
+from collections.abc import Iterator
+
+import dkim
+import pytest
+
+from infra.lab import control
+from infra.lab.mail import (
+    REMOTE_DOMAIN,
+    SUBMISSIONS_PORT,
+    find,
+    message,
+    relayed,
+    send_inbound,
+    submit,
+)
+from infra.records import records
+from infra.stack import stack_config
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root: network namespaces, mounts, systemd-nspawn"),
+    pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="systemd-nspawn is not installed (make setup)"),
+]
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+@pytest.fixture(scope="module", params=["spamassassin", "rspamd"])
+def lab(request: pytest.FixtureRequest) -> Iterator[control.LabInfo]:
+    control.down()  # a lab left over from an interrupted run
+    try:
+        yield control.up("dev", {"spamFilter": request.param})
+    finally:
+        control.down()
+
+
+def alice(lab: control.LabInfo) -> tuple[str, str]:
+    return "alice@example.net", lab.passwords["alice@example.net"]
+
+
+def test_every_remote_command_of_the_program_ran(lab: control.LabInfo) -> None:
+    assert [s["name"] for s in lab.steps] == [
+        "server-wait-for-bootstrap",
+        "server-install-apply-script",
+        "server-apply-bundle",
+        "server-issue-certificate",
+    ]
+    assert all(s["exit"] == 0 for s in lab.steps)
+    applied = json.loads(lab.steps[2]["stdout"])
+    assert "/etc/postfix/main.cf" in applied["changed"] and "postfix" in applied["reloaded"]
+
+
+def test_inbound_mail_reaches_the_inbox_over_imaps(lab: control.LabInfo) -> None:
+    user, password = alice(lab)
+    msg = message(f"dana@{REMOTE_DOMAIN}", user, "inbound")
+    send_inbound(msg)
+    raw = find(user, password, msg["Message-ID"])
+    assert raw is not None and b"Hello from the mailroom lab." in raw
+    assert b"Received: from mx.example.com" in raw
+
+
+def test_mail_to_an_alias_reaches_its_mailbox(lab: control.LabInfo) -> None:
+    user, password = alice(lab)
+    msg = message(f"dana@{REMOTE_DOMAIN}", "postmaster@example.net", "to postmaster")
+    send_inbound(msg)
+    assert find(user, password, msg["Message-ID"]) is not None
+
+
+def smtp_reply(lab: control.LabInfo, sender: str, recipient: str) -> tuple[int, bytes]:
+    def attempt() -> tuple[int, bytes]:
+        with smtplib.SMTP(control.DROPLET_IPV4, 25, local_hostname=f"mx.{REMOTE_DOMAIN}",
+                          source_address=(control.REMOTE_IP, 0), timeout=60) as smtp:  # fmt: skip
+            smtp.ehlo()
+            smtp.mail(sender)
+            return smtp.rcpt(recipient)
+
+    return control.in_netns(control.WORLD_NS, attempt)
+
+
+def test_unknown_user_gets_550_and_foreign_domains_are_not_relayed(lab: control.LabInfo) -> None:
+    code, text = smtp_reply(lab, f"dana@{REMOTE_DOMAIN}", "nobody@example.net")
+    assert code == 550 and b"User unknown" in text
+    code, text = smtp_reply(lab, f"dana@{REMOTE_DOMAIN}", "victim@example.org")
+    assert code == 454 and b"Relay access denied" in text
+
+
+def dkim_dns(lab: control.LabInfo) -> dict[bytes, bytes]:
+    """TXT answers from the records the lab DNS serves (the program's records for the lab)."""
+    zone = open(lab.zone).read()  # noqa: PTH123
+    answers = {}
+    for line in zone.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 5 and parts[3] == "TXT":
+            answers[parts[0].encode()] = b"".join(s.encode() for s in parts[4].split('"')[1::2])
+    return answers
+
+
+@pytest.mark.parametrize("port", [587, SUBMISSIONS_PORT])
+def test_submission_reaches_the_relay_dkim_signed(lab: control.LabInfo, port: int) -> None:
+    user, password = alice(lab)
+    msg = message(user, f"dana@{REMOTE_DOMAIN}", f"outbound on {port}")
+    submit(msg, user, password, port)
+    accepted = relayed(lab, msg["Message-ID"])
+    assert accepted is not None, "the SES stand-in received nothing"
+    assert accepted.sender == user and accepted.recipients == [f"dana@{REMOTE_DOMAIN}"]
+    txt = dkim_dns(lab)
+    assert dkim.verify(accepted.raw, dnsfunc=lambda name, timeout=5: txt.get(name, b""))
+    assert b"s=mail;" in accepted.raw.replace(b" ", b"") and b"d=example.net" in accepted.raw
+
+
+def test_relay_login_is_the_programs_smtp_credentials(lab: control.LabInfo) -> None:
+    user, password = alice(lab)
+    msg = message(user, f"dana@{REMOTE_DOMAIN}", "who logged in")
+    submit(msg, user, password)
+    accepted = relayed(lab, msg["Message-ID"])
+    assert accepted is not None
+    assert accepted.login == lab.ses_user and lab.ses_user.startswith("AKIA")
+
+
+def test_wrong_password_gets_535(lab: control.LabInfo) -> None:
+    user, _ = alice(lab)
+    with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+        submit(message(user, f"dana@{REMOTE_DOMAIN}", "x"), user, "not-the-password")
+    assert refused.value.smtp_code == 535
+
+
+def test_sending_as_another_user_is_refused(lab: control.LabInfo) -> None:
+    user, password = alice(lab)
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        submit(message("bob@example.net", f"dana@{REMOTE_DOMAIN}", "spoof"), user, password)
+    ((code, text),) = refused.value.recipients.values()
+    assert code == 553 and b"not owned by user" in text
+
+
+def test_auth_is_not_offered_before_tls(lab: control.LabInfo) -> None:
+    def plain() -> bool:
+        with smtplib.SMTP(control.DROPLET_IPV4, 587, timeout=60) as smtp:
+            smtp.ehlo()
+            return smtp.has_extn("auth")
+
+    assert control.in_netns(control.WORLD_NS, plain) is False
+
+
+def test_gtube_goes_to_junk(lab: control.LabInfo) -> None:
+    user, password = alice(lab)
+    msg = message(f"dana@{REMOTE_DOMAIN}", user, "spam test", body=f"{GTUBE}\n")
+    send_inbound(msg)
+    assert find(user, password, msg["Message-ID"], folder="Junk") is not None
+
+
+def test_reapplying_the_same_settings_changes_and_restarts_nothing(lab: control.LabInfo) -> None:
+    steps = control.redeploy("dev", {"spamFilter": lab_mode(lab)})
+    applied = json.loads(next(s for s in steps if s["name"] == "server-apply-bundle")["stdout"])
+    assert applied == {"changed": [], "reloaded": [], "installed": [], "removed_packages": []}
+
+
+def test_changing_one_setting_reloads_only_its_daemon(lab: control.LabInfo) -> None:
+    steps = control.redeploy("dev", {"spamFilter": lab_mode(lab), "messageSizeLimitMb": 30})
+    applied = json.loads(next(s for s in steps if s["name"] == "server-apply-bundle")["stdout"])
+    assert applied["changed"] == ["/etc/postfix/main.cf"] and applied["reloaded"] == ["postfix"]
+    size = control.guest("postconf -h message_size_limit", lab).stdout.strip()
+    assert size == str(30 * 1024 * 1024)
+
+
+def lab_mode(lab: control.LabInfo) -> str:
+    return "rspamd" if "rspamd" in control.guest("ls /etc/rspamd/local.d/", lab).stdout else "spamassassin"
+
+
+def test_the_records_served_are_the_programs(lab: control.LabInfo) -> None:
+    import dns.message
+    import dns.query
+
+    settings_mx = next(r for r in records_for_lab() if r.type == "MX" and r.name == "example.net")
+
+    def ask() -> list[str]:
+        reply = dns.query.udp(dns.message.make_query("example.net", "MX"), control.DNS_IP, timeout=5)
+        return [str(rr.exchange) for rrset in reply.answer for rr in rrset]
+
+    assert control.in_netns(control.WORLD_NS, ask) == [settings_mx.value + "."]
+
+
+def records_for_lab() -> list:  # type: ignore[type-arg]
+    from infra.records import Facts
+    from infra.settings import parse_settings
+
+    settings = parse_settings(stack_config("dev"))
+    return records(settings, Facts(control.DROPLET_IPV4, control.DROPLET_IPV6, base64.b64encode(b"k").decode()))
