@@ -12,6 +12,7 @@ creates; `down()` removes every namespace, link, mount and process it made.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import json
@@ -211,7 +212,11 @@ def evaluate(stack: str, overrides: Mapping[str, Any]) -> tuple[OfflineRun, dict
 def lab_zone(run: OfflineRun) -> str:
     """Exactly the program's records for the lab's facts, plus the few outside names."""
     droplet = run.one("digitalocean:index/droplet:Droplet")
-    tokens = [t for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity") for t in r.state["dkimSigningAttributes"]["tokens"]]
+    tokens = [
+        t
+        for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity")
+        for t in r.state["dkimSigningAttributes"]["tokens"]
+    ]
     facts = Facts(
         droplet.state["ipv4Address"],
         droplet.state["ipv6Address"],
@@ -266,11 +271,24 @@ def boot_host(user_data: str, ca: Path) -> subprocess.Popen[bytes]:
     sh("chroot", str(root), "update-ca-certificates")
     log = (STATE_DIR / "console.log").open("wb")
     process = subprocess.Popen(
-        ["systemd-nspawn", "-D", str(root), "-b", "--register=no", "--keep-unit", f"--network-namespace-path=/run/netns/{HOST_NS}",
-         "--console=passive", "-M", MACHINE, "--resolv-conf=off", "--timezone=off", "--link-journal=no"],  # fmt: skip
+        [
+            "systemd-nspawn",
+            "-D",
+            str(root),
+            "-b",
+            "--register=no",
+            "--keep-unit",
+            f"--network-namespace-path=/run/netns/{HOST_NS}",
+            "--console=passive",
+            "-M",
+            MACHINE,
+            "--resolv-conf=off",
+            "--timezone=off",
+            "--link-journal=no",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=_own_cgroup,  # noqa: PLW1509 - nspawn must start in its own cgroup
+        preexec_fn=_own_cgroup,  # nspawn must start in its own cgroup
     )
     (STATE_DIR / "nspawn.pid").write_text(str(process.pid))
     return process
@@ -323,8 +341,9 @@ def start_world(run: OfflineRun, ca_paths: tuple[Path, Path, Path]) -> tuple[str
     zone.write_text(lab_zone(run))
     python = sys.executable
     processes = {}
-    processes["dns"] = subprocess.Popen(["ip", "netns", "exec", WORLD_NS, python, "-m", "infra.lab.world", "dns", str(zone), DNS_IP],
-                                        stdout=subprocess.DEVNULL, stderr=(STATE_DIR / "dns.log").open("wb"))  # fmt: skip
+    dns_argv = ["ip", "netns", "exec", WORLD_NS, python, "-m", "infra.lab.world", "dns", str(zone), DNS_IP]
+    dns_log = (STATE_DIR / "dns.log").open("wb")
+    processes["dns"] = subprocess.Popen(dns_argv, stdout=subprocess.DEVNULL, stderr=dns_log)
     ses_user = str(run.outputs.get("sesSmtpUsername", ""))
     password_file = STATE_DIR / "ses-password"
     password_file.write_text(str(run.outputs.get("sesSmtpPassword", "")))
@@ -404,15 +423,13 @@ def down() -> None:
     if world.exists():
         for pid in json.loads(world.read_text()).values():
             subprocess.run(["pkill", "-TERM", "-P", str(pid)], check=False)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         world.unlink()
     for ns in (HOST_NS, WORLD_NS):
         leftover = sh("ip", "netns", "pids", ns, check=False).stdout.split()
-        for pid in leftover:
-            subprocess.run(["kill", "-KILL", pid], check=False)
+        for leftover_pid in leftover:
+            subprocess.run(["kill", "-KILL", leftover_pid], check=False)
     root = STATE_DIR / "root"
     if root.exists() and sh("findmnt", "-n", str(root), check=False).returncode == 0:
         sh("umount", "-R", str(root), check=False)
@@ -426,7 +443,5 @@ def down() -> None:
     for hierarchy in ("systemd", "unified"):
         group = Path("/sys/fs/cgroup") / hierarchy / MACHINE
         if group.exists():
-            try:
+            with contextlib.suppress(OSError):
                 group.rmdir()
-            except OSError:
-                pass

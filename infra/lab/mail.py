@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.lab.control import DROPLET_IPV4, REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, LabInfo, in_netns
+from infra.lab.control import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, LabInfo, in_netns
+from infra.offline import DROPLET_IPV4
 
 SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, IMAPS_PORT = 25, 587, 465, 993
 TIMEOUT = 60
@@ -26,7 +27,9 @@ def unverified() -> ssl.SSLContext:
     return context
 
 
-def message(sender: str, recipient: str, subject: str, body: str = "Hello from the mailroom lab.\n") -> email.message.EmailMessage:
+def message(
+    sender: str, recipient: str, subject: str, body: str = "Hello from the mailroom lab.\n"
+) -> email.message.EmailMessage:
     msg = email.message.EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = sender, recipient, subject
     msg["Date"] = email.utils.formatdate()
@@ -118,7 +121,9 @@ def smoke(info: LabInfo) -> list[str]:
     elapsed = (time.monotonic() - started) * 1000
     if found is None:
         raise RuntimeError(f"inbound mail to {user} did not reach INBOX within 60 s")
-    lines.append(f"inbound: dana@{REMOTE_DOMAIN} -> {user} on port 25, found in INBOX over IMAPS after {elapsed:.0f} ms")
+    lines.append(
+        f"inbound: dana@{REMOTE_DOMAIN} -> {user} on port 25, found in INBOX over IMAPS after {elapsed:.0f} ms"
+    )
     outbound = message(user, f"dana@{REMOTE_DOMAIN}", "lab smoke: outbound")
     started = time.monotonic()
     submit(outbound, user, password)

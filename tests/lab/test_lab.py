@@ -14,13 +14,14 @@ import os
 import shutil
 import smtplib
 from collections.abc import Iterator
+from pathlib import Path
 
 import dkim
 import pytest
 
 from infra.lab import control
+from infra.lab.control import REMOTE_DOMAIN
 from infra.lab.mail import (
-    REMOTE_DOMAIN,
     SUBMISSIONS_PORT,
     find,
     message,
@@ -28,6 +29,7 @@ from infra.lab.mail import (
     send_inbound,
     submit,
 )
+from infra.offline import DROPLET_IPV4, DROPLET_IPV6
 from infra.records import records
 from infra.stack import stack_config
 
@@ -82,7 +84,7 @@ def test_mail_to_an_alias_reaches_its_mailbox(lab: control.LabInfo) -> None:
 
 def smtp_reply(lab: control.LabInfo, sender: str, recipient: str) -> tuple[int, bytes]:
     def attempt() -> tuple[int, bytes]:
-        with smtplib.SMTP(control.DROPLET_IPV4, 25, local_hostname=f"mx.{REMOTE_DOMAIN}",
+        with smtplib.SMTP(DROPLET_IPV4, 25, local_hostname=f"mx.{REMOTE_DOMAIN}",
                           source_address=(control.REMOTE_IP, 0), timeout=60) as smtp:  # fmt: skip
             smtp.ehlo()
             smtp.mail(sender)
@@ -100,7 +102,7 @@ def test_unknown_user_gets_550_and_foreign_domains_are_not_relayed(lab: control.
 
 def dkim_dns(lab: control.LabInfo) -> dict[bytes, bytes]:
     """TXT answers from the records the lab DNS serves (the program's records for the lab)."""
-    zone = open(lab.zone).read()  # noqa: PTH123
+    zone = Path(lab.zone).read_text()
     answers = {}
     for line in zone.splitlines():
         parts = line.split("\t")
@@ -148,7 +150,7 @@ def test_sending_as_another_user_is_refused(lab: control.LabInfo) -> None:
 
 def test_auth_is_not_offered_before_tls(lab: control.LabInfo) -> None:
     def plain() -> bool:
-        with smtplib.SMTP(control.DROPLET_IPV4, 587, timeout=60) as smtp:
+        with smtplib.SMTP(DROPLET_IPV4, 587, timeout=60) as smtp:
             smtp.ehlo()
             return smtp.has_extn("auth")
 
@@ -198,4 +200,4 @@ def records_for_lab() -> list:  # type: ignore[type-arg]
     from infra.settings import parse_settings
 
     settings = parse_settings(stack_config("dev"))
-    return records(settings, Facts(control.DROPLET_IPV4, control.DROPLET_IPV6, base64.b64encode(b"k").decode()))
+    return records(settings, Facts(DROPLET_IPV4, DROPLET_IPV6, base64.b64encode(b"k").decode()))
