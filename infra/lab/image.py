@@ -45,8 +45,9 @@ def build_image(log: bool = True) -> Path:
     root = image_root()
     if (root.parent / "complete").exists():
         return root
-    if root.parent.exists():
-        shutil.rmtree(root.parent)  # a half-built image from an interrupted run
+    if CACHE.exists():
+        for stale in CACHE.iterdir():  # older package lists, and a half-built image
+            shutil.rmtree(stale)
     root.parent.mkdir(parents=True)
     if log:
         print(f"lab: building the host image in {root} (once; cached by its package list)", flush=True)
