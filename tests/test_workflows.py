@@ -228,55 +228,83 @@ def test_preview_job_previews_each_stack_with_a_diff_and_a_pr_comment() -> None:
 # --- deploy.yml --------------------------------------------------------------------------------
 
 
-def _runs_on(condition: str | None, ref: str) -> bool:
-    """Evaluates the few `if:` forms deploy.yml uses, for a push of `ref`."""
+def _starts_with(text: str, prefix: str) -> bool:
+    return text.startswith(prefix)
+
+
+def _runs(condition: str | None, event: str, ref: str, stack: str) -> bool:
+    """Evaluates a deploy.yml `if:` (==, !=, startsWith, &&, ||, parentheses) for one run."""
     if condition is None:
         return True
     expression = condition.strip().removeprefix("${{").removesuffix("}}").strip()
-    if m := re.fullmatch(r"github\.ref\s*==\s*'([^']*)'", expression):
-        return ref == m.group(1)
-    if m := re.fullmatch(r"startsWith\(github\.ref,\s*'([^']*)'\)", expression):
-        return ref.startswith(m.group(1))
-    raise AssertionError(f"unexpected condition in deploy.yml: {condition}")
+    for name, value in (("github.event_name", event), ("github.ref", ref), ("inputs.stack", stack)):
+        expression = expression.replace(name, repr(value))
+    expression = expression.replace("startsWith(", "_starts_with(").replace("&&", " and ").replace("||", " or ")
+    rest = re.sub(r"'[^']*'|\b(and|or|_starts_with)\b|==|!=|[\s(),]", "", expression)
+    assert rest == "", f"unexpected condition in deploy.yml: {condition}"
+    return bool(eval(expression, {"__builtins__": {}, "_starts_with": _starts_with}))  # noqa: S307
 
 
-def _deployed(ref: str) -> dict[str, str | None]:
-    """Stack -> GitHub environment, for every `pulumi up` a push of `ref` runs."""
+def _resolve(value: str | None, stack: str) -> str | None:
+    return None if value is None else re.sub(r"\$\{\{\s*inputs\.stack\s*\}\}", stack, value)
+
+
+def _deployed(event: str, ref: str, stack: str = "") -> dict[str, str | None]:
+    """Stack -> GitHub environment of every `pulumi up` that one run of deploy.yml starts."""
     deployed: dict[str, str | None] = {}
     for job in jobs("deploy.yml").values():
-        if not _runs_on(job.get("if"), ref):
+        if not _runs(job.get("if"), event, ref, stack):
             continue
         for step in pulumi_steps(job):
             assert step["with"]["command"] == "up"
-            deployed[step["with"]["stack-name"]] = environment_name(job)
+            name = _resolve(step["with"]["stack-name"], stack)
+            assert name is not None and name not in deployed
+            deployed[name] = _resolve(environment_name(job), stack)
     return deployed
 
 
-def test_deploy_runs_on_pushes_to_main_and_release_tags_only() -> None:
+def test_deploy_runs_on_main_release_tags_and_by_hand_only() -> None:
     on = triggers(load("deploy.yml"))
-    assert set(on) == {"push"}
+    assert set(on) == {"push", "workflow_dispatch"}
     assert on["push"] == {"branches": ["main"], "tags": ["v*"]}
+    assert set(on["workflow_dispatch"]["inputs"]) == {"stack"}
 
 
 def test_a_push_to_main_deploys_dev_only() -> None:
-    assert _deployed("refs/heads/main") == {"dev": "dev"}
+    assert _deployed("push", "refs/heads/main") == {"dev": "dev"}
+    assert _deployed("push", "refs/heads/feature") == {}
 
 
-def test_prod_is_deployed_only_on_a_release_tag_through_the_prod_environment() -> None:
-    assert _deployed("refs/tags/v1.2.0") == {"prod": "prod"}
+def test_prod_is_deployed_only_from_a_release_tag_through_the_prod_environment() -> None:
+    assert _deployed("push", "refs/tags/v1.2.0") == {"prod": "prod"}
+    assert _deployed("workflow_dispatch", "refs/tags/v1.2.0", "prod") == {"prod": "prod"}
     for ref in ("refs/heads/main", "refs/heads/feature", "refs/tags/nightly"):
-        assert "prod" not in _deployed(ref)
+        assert "prod" not in _deployed("push", ref)
+        assert _deployed("workflow_dispatch", ref, "prod") == {}
+    assert _deployed("pull_request", "refs/pull/1/merge") == {}
 
 
-def test_one_deploy_per_stack_at_a_time_never_cancelled() -> None:
-    groups = []
+def test_a_new_stack_deploys_by_hand_through_its_own_environment() -> None:
+    # A Pulumi.staging.yaml plus a GitHub environment `staging`: no workflow edit.
+    assert _deployed("workflow_dispatch", "refs/heads/main", "staging") == {"staging": "staging"}
+    (manual,) = [j for j in jobs("deploy.yml").values() if "inputs.stack" in str(j.get("environment"))]
+    checks = [s for s in steps(manual) if 'test -f "Pulumi.${STACK}.yaml"' in s.get("run", "")]
+    assert checks and checks[0]["env"]["STACK"] == "${{ inputs.stack }}"
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod", "staging"])
+def test_one_deploy_per_stack_at_a_time_never_cancelled(stack: str) -> None:
+    groups = set()
     for job in jobs("deploy.yml").values():
         for step in pulumi_steps(job):
-            stack = step["with"]["stack-name"]
-            assert stack in job["concurrency"]["group"]
+            if _resolve(step["with"]["stack-name"], stack) != stack:
+                continue
             assert job["concurrency"]["cancel-in-progress"] is False
-            groups.append(job["concurrency"]["group"])
-    assert len(groups) == len(set(groups)) == 2
+            group = _resolve(job["concurrency"]["group"], stack)
+            assert group is not None and re.search(rf"\b{stack}\b", group)
+            groups.add(group)
+    # The push job and the by-hand job of a stack share one group.
+    assert len(groups) == 1, groups
 
 
 # --- all workflows -----------------------------------------------------------------------------
@@ -335,5 +363,5 @@ def test_docs_name_every_secret_variable_and_environment() -> None:
         for used in {*SECRET.findall(text), *VAR.findall(text)} - {"GITHUB_TOKEN"}:
             assert f"`{used}`" in docs, f"docs/github-actions.md does not name {used} ({name})"
         for job in jobs(name).values():
-            if (env := environment_name(job)) is not None:
+            if (env := environment_name(job)) is not None and "${{" not in env:
                 assert f"`{env}`" in docs, env
