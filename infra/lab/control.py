@@ -57,6 +57,7 @@ class LabError(RuntimeError):
 @dataclass
 class LabInfo:
     stack: str
+    overrides: dict[str, Any]
     host: str
     admin_user: str
     key_file: str
@@ -209,6 +210,11 @@ def evaluate(stack: str, overrides: Mapping[str, Any]) -> tuple[OfflineRun, dict
     return run, passwords
 
 
+def lab_hashes(run: OfflineRun) -> list[str]:
+    """The hashes a run was given, to give the same ones again (a new salt would be a change)."""
+    return [f"{b.address} {b.password_hash.reveal()}" for b in run.settings.mailboxes]
+
+
 def lab_zone(run: OfflineRun) -> str:
     """Exactly the program's records for the lab's facts, plus the few outside names."""
     droplet = run.one("digitalocean:index/droplet:Droplet")
@@ -233,6 +239,7 @@ def lab_zone(run: OfflineRun) -> str:
         f'{REMOTE_DOMAIN}. 300 IN TXT "v=spf1 ip4:{REMOTE_IP} -all"',
         f'amazonses.com. 300 IN TXT "v=spf1 ip4:{SES_IP} -all"',
         f"{reverse} 300 IN PTR {s.host_name}.",
+        f"{'.'.join(reversed(REMOTE_IP.split('.')))}.in-addr.arpa. 300 IN PTR mx.{REMOTE_DOMAIN}.",
     ]
     return zone_file(s, facts) + "\n".join(outside) + "\n"
 
@@ -267,6 +274,14 @@ def boot_host(user_data: str, ca: Path) -> subprocess.Popen[bytes]:
     resolv = root / "etc/resolv.conf"
     resolv.unlink(missing_ok=True)
     resolv.write_text(f"nameserver {DNS_IP}\n")
+    # The lab DNS stands in for the internet's root servers too, so the host's own recursive
+    # resolver (unbound, from the bundle) gets answers instead of timing out. That stand-in root
+    # is not DNSSEC-signed, so validation is off in the lab (the one line that differs).
+    (root / "etc/unbound/lab-root.hints").write_text(f".  3600000 IN NS lab-root.\nlab-root. 3600000 IN A {DNS_IP}\n")
+    (root / "etc/unbound/unbound.conf.d/lab-root.conf").write_text(
+        "# the mailroom lab: its DNS stands in for the (unsigned) root servers\n"
+        'server:\n  root-hints: /etc/unbound/lab-root.hints\n  module-config: "iterator"\n'
+    )
     shutil.copy(ca, root / "usr/local/share/ca-certificates/mailroom-lab-ca.crt")
     sh("chroot", str(root), "update-ca-certificates")
     log = (STATE_DIR / "console.log").open("wb")
@@ -363,7 +378,8 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
         raise LabError("a lab is already up; run `python -m infra lab down` first")
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     STATE_DIR.chmod(0o700)
-    run, passwords = evaluate(stack, dict(overrides or {}))
+    overrides = dict(overrides or {})
+    run, passwords = evaluate(stack, overrides)
     build_image()
     try:
         create_network()
@@ -375,8 +391,8 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
         user_data = run.one("digitalocean:index/droplet:Droplet").inputs["userData"]
         boot_host(user_data, ca_paths[0])
         steps = [{"name": s.name, "create": s.create, "stdin": s.stdin} for s in remote_steps(run)]
-        info = LabInfo(stack, DROPLET_IPV4, run.settings.admin_user, str(key_file), passwords, ses_user,
-                       str(STATE_DIR / "ses"), DNS_IP, zone, [])  # fmt: skip
+        info = LabInfo(stack, {**overrides, "passwordHashes": lab_hashes(run)}, DROPLET_IPV4, run.settings.admin_user,
+                       str(key_file), passwords, ses_user, str(STATE_DIR / "ses"), DNS_IP, zone, [])  # fmt: skip
         info.save()
         wait_for_ssh()
         info.steps = [{k: v for k, v in r.items() if k != "stdin"} for r in run_steps(info, steps)]
@@ -390,11 +406,10 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
         raise
 
 
-def redeploy(stack: str, overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Run the program again (e.g. with a changed setting) and its remote commands on the host."""
+def redeploy(changes: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run the program again, with the lab's settings plus CHANGES, and its remote commands."""
     info = LabInfo.load()
-    hashes = [f"{a} {password_hash(p)}" for a, p in info.passwords.items()]
-    run = run_program(stack, {**overrides, "passwordHashes": hashes})
+    run = run_program(info.stack, {**info.overrides, **(changes or {})})
     steps = [{"name": s.name, "create": s.create, "stdin": s.stdin} for s in remote_steps(run)]
     return run_steps(info, steps)
 

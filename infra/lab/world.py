@@ -57,8 +57,8 @@ class SesStandIn:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         stamp = f"{time.time():.6f}"
         (self.spool / f"{stamp}.eml").write_bytes(envelope.original_content or envelope.content)
-        login = getattr(session.login_data, "login", b"")  # the user name only, never the password
-        meta = {"from": envelope.mail_from, "to": envelope.rcpt_tos, "login": login.decode()}
+        # The user name the client logged in with (the authenticator keeps it; never the password).
+        meta = {"from": envelope.mail_from, "to": envelope.rcpt_tos, "login": str(session.auth_data or "")}
         (self.spool / f"{stamp}.json").write_text(json.dumps(meta))
         return f"250 Ok {email.utils.make_msgid(domain='amazonses.com')[1:-1]}"
 
@@ -73,7 +73,7 @@ def serve_ses(spool: Path, address: str, hostname: str, user: str, password_file
 
     def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
         ok = isinstance(data, LoginPassword) and data.login.decode() == user and data.password.decode() == password
-        return AuthResult(success=ok, handled=False)
+        return AuthResult(success=ok, handled=False, auth_data=data.login.decode() if ok else None)
 
     spool.mkdir(parents=True, exist_ok=True)
     controller = Controller(

@@ -97,7 +97,7 @@ def test_unknown_user_gets_550_and_foreign_domains_are_not_relayed(lab: control.
     code, text = smtp_reply(lab, f"dana@{REMOTE_DOMAIN}", "nobody@example.net")
     assert code == 550 and b"User unknown" in text
     code, text = smtp_reply(lab, f"dana@{REMOTE_DOMAIN}", "victim@example.org")
-    assert code == 454 and b"Relay access denied" in text
+    assert code == 554 and b"Relay access denied" in text
 
 
 def dkim_dns(lab: control.LabInfo) -> dict[bytes, bytes]:
@@ -157,29 +157,40 @@ def test_auth_is_not_offered_before_tls(lab: control.LabInfo) -> None:
     assert control.in_netns(control.WORLD_NS, plain) is False
 
 
-def test_gtube_goes_to_junk(lab: control.LabInfo) -> None:
+def test_spam_goes_to_junk(lab: control.LabInfo) -> None:
+    if lab.overrides["spamFilter"] == "rspamd":
+        pytest.skip(
+            "rspamd 3.4 answers GTUBE with reject (tested below); its add-header test patterns need "
+            "gtube_patterns = all, which rspamd says is not for production"
+        )
     user, password = alice(lab)
     msg = message(f"dana@{REMOTE_DOMAIN}", user, "spam test", body=f"{GTUBE}\n")
     send_inbound(msg)
     assert find(user, password, msg["Message-ID"], folder="Junk") is not None
+    assert find(user, password, msg["Message-ID"], folder="INBOX", wait=0) is None
+
+
+def test_rspamd_refuses_the_reject_gtube_with_a_5xx(lab: control.LabInfo) -> None:
+    if lab.overrides["spamFilter"] != "rspamd":
+        pytest.skip("SpamAssassin marks GTUBE as spam (Junk) rather than refusing it")
+    user, _ = alice(lab)
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send_inbound(message(f"dana@{REMOTE_DOMAIN}", user, "reject", body=f"{GTUBE}\n"))
+    assert refused.value.smtp_code == 554
 
 
 def test_reapplying_the_same_settings_changes_and_restarts_nothing(lab: control.LabInfo) -> None:
-    steps = control.redeploy("dev", {"spamFilter": lab_mode(lab)})
+    steps = control.redeploy()
     applied = json.loads(next(s for s in steps if s["name"] == "server-apply-bundle")["stdout"])
     assert applied == {"changed": [], "reloaded": [], "installed": [], "removed_packages": []}
 
 
 def test_changing_one_setting_reloads_only_its_daemon(lab: control.LabInfo) -> None:
-    steps = control.redeploy("dev", {"spamFilter": lab_mode(lab), "messageSizeLimitMb": 30})
+    steps = control.redeploy({"messageSizeLimitMb": 30})
     applied = json.loads(next(s for s in steps if s["name"] == "server-apply-bundle")["stdout"])
     assert applied["changed"] == ["/etc/postfix/main.cf"] and applied["reloaded"] == ["postfix"]
-    size = control.guest("postconf -h message_size_limit", lab).stdout.strip()
+    size = control.guest("/usr/sbin/postconf -h message_size_limit", lab).stdout.strip()
     assert size == str(30 * 1024 * 1024)
-
-
-def lab_mode(lab: control.LabInfo) -> str:
-    return "rspamd" if "rspamd" in control.guest("ls /etc/rspamd/local.d/", lab).stdout else "spamassassin"
 
 
 def test_the_records_served_are_the_programs(lab: control.LabInfo) -> None:
