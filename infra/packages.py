@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infra.settings import Image, Settings, SpamFilter
+from infra.settings import Image, Relay, Settings, SpamFilter
 
 BASE = (
     "postfix",
@@ -30,6 +30,8 @@ SPAM: dict[SpamFilter, tuple[str, ...]] = {
     SpamFilter.RSPAMD: ("rspamd", "redis-server"),
 }
 WEBMAIL = ("roundcube-core", "roundcube-sqlite3", "php-fpm")
+# Direct delivery enforces the receiving domains' MTA-STS policies through this daemon.
+DIRECT = ("postfix-mta-sts-resolver",)
 
 # Both images name these packages alike (Ubuntu 24.04 noble and Debian 12 bookworm); an entry
 # here is where a name differs.
@@ -41,5 +43,6 @@ RENAMED: dict[Image, dict[str, str]] = {
 
 def packages(settings: Settings) -> tuple[str, ...]:
     names = BASE + SPAM[settings.spam_filter] + (WEBMAIL if settings.webmail else ())
+    names += DIRECT if settings.relay is Relay.DIRECT else ()
     renamed = RENAMED[settings.image]
     return tuple(renamed.get(n, n) for n in names)

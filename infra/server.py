@@ -16,7 +16,7 @@ import jinja2
 
 from infra.bootstrap import MAIL_DIR
 from infra.bundle import Bundle, BundleFile, ServerSecrets, Service
-from infra.packages import SPAM, WEBMAIL, packages
+from infra.packages import DIRECT, SPAM, WEBMAIL, packages
 from infra.records import mta_sts_policy
 from infra.relay import smtp_endpoint
 from infra.settings import Relay, Settings, SpamFilter
@@ -55,8 +55,9 @@ def _environment() -> jinja2.Environment:
 
 
 def layers(settings: Settings) -> tuple[str, ...]:
-    chosen = ("common", settings.spam_filter.value)
-    return (*chosen, "webmail") if settings.webmail else chosen
+    chosen: tuple[str, ...] = ("common", settings.spam_filter.value)
+    chosen += ("webmail",) if settings.webmail else ()
+    return (*chosen, "direct") if settings.relay is Relay.DIRECT else chosen
 
 
 def relay_host(settings: Settings) -> str:
@@ -237,6 +238,15 @@ def services(settings: Settings) -> tuple[Service, ...]:
                 reload="systemctl reload-or-restart rspamd",
             ),
         ]
+    if settings.relay is Relay.DIRECT:
+        common.append(
+            Service(
+                "mta-sts-resolver",
+                ("/etc/mta-sts-daemon.yml",),
+                check=("python3 -c 'import sys, yaml; yaml.safe_load(open(sys.argv[1]))' /etc/mta-sts-daemon.yml",),
+                reload="systemctl restart postfix-mta-sts-resolver",
+            )
+        )
     if settings.webmail:
         common.append(
             Service(
@@ -265,6 +275,7 @@ def render_bundle(settings: Settings, secrets: ServerSecrets) -> Bundle:
     files.append(_file(key_path, secrets.dkim_private_key_pem, settings))
     unwanted = [p for mode, names in SPAM.items() if mode is not settings.spam_filter for p in names]
     unwanted += [] if settings.webmail else list(WEBMAIL)
+    unwanted += [] if settings.relay is Relay.DIRECT else list(DIRECT)
     return Bundle(
         files=tuple(sorted(files, key=lambda f: f.path)),
         services=services(settings),

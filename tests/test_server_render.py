@@ -111,6 +111,7 @@ def test_postfix_accepts_the_configuration(rendered: dict, spam: str, relay: str
     assert conf["milter_default_action"] == "tempfail"
     if relay == "direct":
         assert "relayhost" not in conf and conf["smtp_tls_security_level"] == "dane"
+        assert conf["smtp_tls_policy_maps"] == "socketmap:inet:127.0.0.1:8461:postfix"  # MTA-STS
     else:
         assert conf["relayhost"].startswith("[") and conf["relayhost"].endswith("]:587")
         assert conf["smtp_tls_security_level"] == "secure"

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from infra.packages import BASE, SPAM, WEBMAIL
+from infra.packages import BASE, DIRECT, SPAM, WEBMAIL
 
 CACHE = Path(os.environ.get("MAILROOM_LAB_CACHE", "/var/cache/mailroom-lab"))
 SUITE = "bookworm"
@@ -23,7 +23,7 @@ SYSTEM = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "cloud-init", "python3", "python3-cffi-backend",
     "locales", "sudo", "iproute2", "ca-certificates", "openssl", "procps", "cron", "less", "psmisc",
 )  # fmt: skip
-MAIL_STACK = (*BASE, *[p for names in SPAM.values() for p in names], *WEBMAIL, "php-cli")
+MAIL_STACK = (*BASE, *[p for names in SPAM.values() for p in names], *WEBMAIL, *DIRECT, "php-cli")
 
 
 def image_key() -> str:
