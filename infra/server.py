@@ -220,7 +220,8 @@ def services(settings: Settings) -> tuple[Service, ...]:
                 ("/etc/spamassassin/", "/etc/default/spamd", "/etc/default/spamass-milter"),
                 prepare=(f"install -d -o {SPAMD_USER} -g {SPAMD_USER} -m 0770 /var/lib/spamassassin/bayes",),
                 check=("spamassassin --lint",),
-                reload="systemctl reload-or-restart spamd spamass-milter",
+                # A restart: spamd reads its options (children, --allow-tell) only when it starts.
+                reload="systemctl restart spamd spamass-milter",
             ),
         ]
     else:

@@ -335,14 +335,19 @@ def ssh_argv(info: LabInfo, command: str) -> list[str]:
     ]  # fmt: skip
 
 
+def run_steps_result(info: LabInfo, step: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """One remote command, its result returned whatever it is (for tests of failures)."""
+    return subprocess.run(ssh_argv(info, step["create"]), input=step["stdin"] or "", capture_output=True,
+                          text=True, check=False, timeout=900)  # fmt: skip
+
+
 def run_steps(info: LabInfo, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The program's remote commands, in order, as the command provider runs them: the create
     string through the remote shell, stdin piped. Output is reported, stdin never."""
     results = []
     for step in steps:
         started = time.monotonic()
-        result = subprocess.run(ssh_argv(info, step["create"]), input=step["stdin"] or "", capture_output=True,
-                                text=True, check=False, timeout=900)  # fmt: skip
+        result = run_steps_result(info, step)
         outcome = {"name": step["name"], "exit": result.returncode, "seconds": round(time.monotonic() - started, 1),
                    "stdout": result.stdout.strip()[-2000:], "stderr": result.stderr.strip()[-2000:]}  # fmt: skip
         results.append(outcome)
@@ -381,6 +386,7 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
     overrides = dict(overrides or {})
     run, passwords = evaluate(stack, overrides)
     build_image()
+    keep_state()
     try:
         create_network()
         ca_paths = make_certificates(STATE_DIR, smtp_endpoint(run.settings.ses_region))
@@ -406,10 +412,29 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
         raise
 
 
+def keep_state() -> None:
+    """What Pulumi's state would keep between runs: the keys and passwords the mocks generated."""
+    from infra import offline
+
+    state = STATE_DIR / "pulumi-state.json"
+    state.write_text(json.dumps([[kind, name, values] for (kind, name), values in offline._GENERATED.items()]))
+    state.chmod(0o600)
+
+
+def restore_state() -> None:
+    from infra import offline
+
+    state = STATE_DIR / "pulumi-state.json"
+    for kind, name, values in json.loads(state.read_text()) if state.exists() else []:
+        offline._GENERATED[(kind, name)] = values
+
+
 def redeploy(changes: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run the program again, with the lab's settings plus CHANGES, and its remote commands."""
     info = LabInfo.load()
+    restore_state()
     run = run_program(info.stack, {**info.overrides, **(changes or {})})
+    keep_state()
     steps = [{"name": s.name, "create": s.create, "stdin": s.stdin} for s in remote_steps(run)]
     return run_steps(info, steps)
 

@@ -212,3 +212,121 @@ def records_for_lab() -> list:  # type: ignore[type-arg]
 
     settings = parse_settings(stack_config("dev"))
     return records(settings, Facts(DROPLET_IPV4, DROPLET_IPV6, base64.b64encode(b"k").decode()))
+
+
+def https_get(host: str, path: str) -> tuple[int, str]:
+    import http.client
+
+    from infra.lab.mail import unverified
+
+    def get() -> tuple[int, str]:
+        conn = http.client.HTTPSConnection(DROPLET_IPV4, 443, context=unverified(), timeout=30)
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+
+    return control.in_netns(control.WORLD_NS, get)
+
+
+def test_mta_sts_policy_is_served_with_the_id_published_in_dns(lab: control.LabInfo) -> None:
+    from infra.records import mta_sts_id, mta_sts_policy
+    from infra.settings import parse_settings
+
+    settings = parse_settings(stack_config("dev", lab.overrides))
+    status, policy = https_get("mta-sts.example.net", "/.well-known/mta-sts.txt")
+    assert (status, policy) == (200, mta_sts_policy(settings))
+    assert f"v=STSv1; id={mta_sts_id(settings)}" in Path(lab.zone).read_text()
+
+
+def test_autoconfig_names_the_host_and_its_ports(lab: control.LabInfo) -> None:
+    import xml.etree.ElementTree as ET
+
+    status, body = https_get("autoconfig.example.net", "/mail/config-v1.1.xml")
+    assert status == 200
+    document = ET.fromstring(body)  # noqa: S314 - our own server's answer, in the lab
+    servers = {(s.findtext("hostname"), s.findtext("port")) for s in document.iter() if s.tag.endswith("Server")}
+    assert servers == {("mail.example.net", "993"), ("mail.example.net", "465"), ("mail.example.net", "587")}
+
+
+@pytest.mark.parametrize("port", [25, 465, 587, 993, 443])
+def test_every_tls_port_serves_the_hosts_certificate(lab: control.LabInfo, port: int) -> None:
+    import socket
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from infra.lab.mail import unverified
+
+    def peer() -> bytes:
+        if port in (25, 587):
+            with smtplib.SMTP(DROPLET_IPV4, port, timeout=60) as smtp:
+                smtp.starttls(context=unverified())
+                der: bytes | None = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        else:
+            with unverified().wrap_socket(socket.create_connection((DROPLET_IPV4, port), timeout=60)) as tls:
+                der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+    certificate = x509.load_der_x509_certificate(control.in_netns(control.WORLD_NS, peer))
+    assert certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "mail.example.net"
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    )
+    assert set(names) == {"mail.example.net", "mta-sts.example.net", "autoconfig.example.net"}
+
+
+def learned_spam(lab: control.LabInfo) -> int:
+    if lab.overrides["spamFilter"] == "spamassassin":
+        dump = control.guest("sudo sa-learn --dump magic", lab).stdout
+        return next((int(line.split()[2]) for line in dump.splitlines() if line.endswith("nspam")), 0)
+    stat = control.guest("rspamc -h 127.0.0.1:11334 stat", lab).stdout
+    return sum(
+        int(line.split("learned: ")[1].split(",")[0])
+        for line in stat.splitlines()
+        if "BAYES_SPAM" in line and "learned: " in line
+    )
+
+
+def test_moving_mail_into_junk_teaches_the_filter(lab: control.LabInfo) -> None:
+    import imaplib
+
+    from infra.lab.mail import unverified
+
+    user, password = alice(lab)
+    msg = message(f"dana@{REMOTE_DOMAIN}", user, "cheap watches", body="Buy cheap watches now, limited offer!\n")
+    send_inbound(msg)
+    assert find(user, password, msg["Message-ID"]) is not None
+    before = learned_spam(lab)
+
+    def move() -> None:
+        with imaplib.IMAP4_SSL(DROPLET_IPV4, 993, ssl_context=unverified(), timeout=60) as imap:
+            imap.login(user, password)
+            imap.select("INBOX")
+            _, found = imap.search(None, "HEADER", "Message-ID", msg["Message-ID"])
+            assert imap.copy(found[0].split()[-1], "Junk")[0] == "OK"
+
+    control.in_netns(control.WORLD_NS, move)
+    import time
+
+    deadline = time.monotonic() + 30
+    while learned_spam(lab) <= before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert learned_spam(lab) == before + 1
+
+
+def test_a_bundle_failing_its_checks_is_refused_and_the_server_keeps_working(lab: control.LabInfo) -> None:
+    steps = json.loads((control.STATE_DIR / "steps.json").read_text())
+    apply = next(s for s in steps if s["name"] == "server-apply-bundle")
+    bundle = json.loads(apply["stdin"])
+    main_cf = next(f for f in bundle["files"] if f["path"] == "/etc/postfix/main.cf")
+    main_cf["content"] += "smtpd_tls_security_level = sometimes\n"  # postfix check refuses it
+    before = control.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout
+    result = control.run_steps_result(lab, {**apply, "stdin": json.dumps(bundle)})
+    assert result.returncode == 1
+    assert "service postfix" in result.stderr and "previous files are back in place" in result.stderr
+    assert control.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout == before
+    user, password = alice(lab)
+    msg = message(f"dana@{REMOTE_DOMAIN}", user, "still working")
+    send_inbound(msg)
+    assert find(user, password, msg["Message-ID"]) is not None
