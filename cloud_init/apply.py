@@ -1,232 +1,558 @@
 #!/usr/bin/python3
 """mailroom apply: converge this server to a bundle read on stdin (runs as root, stdlib only).
 
-Protocol. stdin holds one JSON bundle (infra/bundle.py, version 1): files (path, content, mode,
-owner, group, secret), services (name, path prefixes, prepare and check commands, reload
-command), packages to have and packages to be without. The script
+Protocol
+--------
+Invocation: ``apply.py [--root DIR]`` with one JSON bundle on stdin (infra/bundle.py, version 1)::
+
+    {"version": 1,
+     "files": [{"path": "/etc/...", "content": "...", "mode": 420, "owner": "root",
+                "group": "root", "secret": false}, ...],
+     "services": [{"name": "postfix", "paths": ["/etc/postfix/", ...], "prepare": [...],
+                   "check": [...], "reload": "systemctl reload postfix"}, ...],
+     "packages": [...], "absent_packages": [...]}
+
+The script
 
 1. refuses a malformed bundle (exit 2) before touching anything;
-2. installs missing packages and purges unwanted ones (no apt at all when nothing is to do);
-3. writes only the files that differ, atomically, secret ones never readable by others, and
-   removes the files a previous apply installed that left the bundle;
-4. for every service whose files changed, runs its prepare and check commands; if one fails,
-   puts every file back as it was, reloads nothing and exits 1: a bad bundle leaves the
+2. installs missing ``packages`` and purges installed ``absent_packages`` (apt runs only when
+   there is something to do; ``MAILROOM_APT_GET`` and ``MAILROOM_DPKG_QUERY`` replace the
+   executables, for tests);
+3. writes only the files whose content, mode, owner or group differ, atomically, secret ones
+   never readable by others while written, and removes the files a previous apply installed
+   (recorded in ``/var/lib/mailroom/applied.json``) that left the bundle, and no others;
+4. for every service owning a changed path (the path starts with one of its ``paths``), runs its
+   ``prepare`` then its ``check`` commands (``/bin/sh -c``); if one fails, puts every file of this
+   apply back as it was, runs the prepare commands again on the restored files, reloads nothing,
+   names the service, the command and its output on stderr, and exits 1: a bad bundle leaves the
    running server as it was;
-5. otherwise reloads each changed service once and records what it installed.
+5. otherwise reloads each changed service once, in bundle order, records what it installed, and
+   prints one JSON line: ``{"changed": [paths], "reloaded": [services], "installed": [packages],
+   "removed_packages": [packages]}``. A reload that fails is reported (exit 1) and retried by the
+   next apply, even with the same bundle.
 
-It prints one JSON summary line (paths, services, packages; never file contents). The same
-bundle applied twice changes and restarts nothing. `--root DIR` applies under DIR (tests);
-commands see it as $MAILROOM_ROOT.
+It never prints file contents. The same bundle applied twice changes, runs and restarts nothing.
+``--root DIR`` applies files and state under DIR (tests); every command sees DIR as
+``$MAILROOM_ROOT``. Owners and groups are resolved on this host after the packages (which create
+the daemons' users) are installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import grp
+import itertools
 import json
 import os
+import posixpath
 import pwd
+import re
+import secrets
+import signal
+import stat
 import subprocess
 import sys
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 VERSION = 1
-STATE = "var/lib/mailroom/applied.json"
+STATE = "/var/lib/mailroom/applied.json"
+LOCK = "/var/lib/mailroom/apply.lock"
+# A checker or reload that hangs must not hang the deploy; it counts as a failure.
+COMMAND_TIMEOUT = float(os.environ.get("MAILROOM_COMMAND_TIMEOUT", "900"))
+OUTPUT_TAIL = 4000
+PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?")
 
 
 class BundleError(ValueError):
-    pass
+    """The bundle itself is wrong: refused with exit 2."""
+
+
+class ApplyError(RuntimeError):
+    """Applying failed: exit 1, with the server left as it was (or as the message says)."""
 
 
 @dataclass(frozen=True)
-class Wanted:
+class File:
     path: str
     content: bytes
     mode: int
     owner: str
     group: str
+    secret: bool
 
 
 @dataclass(frozen=True)
-class Previous:
-    """A file as it was before this apply (None content: it did not exist)."""
+class Daemon:
+    name: str
+    paths: tuple[str, ...]
+    prepare: tuple[str, ...]
+    check: tuple[str, ...]
+    reload: str
 
-    content: bytes | None
+    def owns(self, path: str) -> bool:
+        return any(path.startswith(prefix) for prefix in self.paths)
+
+
+@dataclass(frozen=True)
+class Plan:
+    files: tuple[File, ...]
+    daemons: tuple[Daemon, ...]
+    packages: tuple[str, ...]
+    absent_packages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """What a path held before this apply: nothing, a regular file or a symbolic link."""
+
+    kind: str  # "missing", "file" or "symlink"
+    content: bytes = b""  # file bytes, or the link's target
     mode: int = 0
     uid: int = 0
     gid: int = 0
 
 
-def parse(text: str) -> dict[str, Any]:
+# --- the bundle -------------------------------------------------------------------------------
+
+
+def _strings(value: object, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BundleError(f"{what} must be a list of strings")
+    return tuple(value)
+
+
+def _absolute(path: object, what: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise BundleError(f"{what} lacks an absolute path: {path!r}")
+    if "\0" in path or ".." in path.split("/"):
+        raise BundleError(f"{what} climbs out of the root: {path!r}")
+    return path
+
+
+def _file(entry: object) -> File:
+    if not isinstance(entry, dict):
+        raise BundleError("a file entry is not an object")
+    path = _absolute(entry.get("path"), "a file entry")
+    if path == "/" or path.endswith("/") or posixpath.normpath(path) != path:
+        raise BundleError(f"file {path}: not a normalised file path")
+    content = entry.get("content")
+    if not isinstance(content, str):
+        raise BundleError(f"file {path}: lacks its content")
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"the bundle is not JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(doc, dict) or doc.get("version") != VERSION:
-        raise BundleError(f"the bundle is not a version {VERSION} mailroom bundle")
-    for key, kind in (("files", list), ("services", list), ("packages", list), ("absent_packages", list)):
-        if not isinstance(doc.get(key), kind):
-            raise BundleError(f"the bundle has no {key} list")
-    for f in doc["files"]:
-        if not (isinstance(f, dict) and str(f.get("path", "")).startswith("/") and isinstance(f.get("content"), str)):
-            raise BundleError("a file entry lacks an absolute path or its content")
-        if ".." in Path(f["path"]).parts:
-            raise BundleError(f"a file path climbs out of the root: {f['path']}")
-    return doc
+        data = content.encode()
+    except UnicodeEncodeError:
+        raise BundleError(f"file {path}: content is not valid Unicode text") from None
+    mode = entry.get("mode", 0o644)
+    if type(mode) is not int or not 0 <= mode <= 0o7777:
+        raise BundleError(f"file {path}: mode must be an integer permission (0 to 0o7777)")
+    owner, group = entry.get("owner", "root"), entry.get("group", "root")
+    if not (isinstance(owner, str) and owner and isinstance(group, str) and group):
+        raise BundleError(f"file {path}: owner and group must be names")
+    secret = entry.get("secret", False)
+    if not isinstance(secret, bool):
+        raise BundleError(f"file {path}: secret must be true or false")
+    if secret and mode & 0o007:
+        raise BundleError(f"file {path}: a secret file must not be readable by others (mode {mode:#o})")
+    return File(path, data, mode, owner, group, secret)
 
 
-def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, env=env, check=False)
-
-
-def converge_packages(doc: dict[str, Any], env: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Install what is missing, purge what must be absent; apt runs only when there is work."""
-    query = os.environ.get("MAILROOM_DPKG_QUERY", "dpkg-query")
-    apt = os.environ.get("MAILROOM_APT_GET", "apt-get")
-
-    def installed(name: str) -> bool:
-        result = subprocess.run([query, "-W", "-f=${Status}", name], capture_output=True, text=True, check=False)
-        return result.returncode == 0 and "ok installed" in result.stdout
-
-    missing = [p for p in doc["packages"] if not installed(p)]
-    present = [p for p in doc["absent_packages"] if installed(p)]
-    apt_env = {**env, "DEBIAN_FRONTEND": "noninteractive"}
-    # Wait for the dpkg lock rather than fail: unattended-upgrades may hold it after boot.
-    lock = ["-o", "DPkg::Lock::Timeout=600"]
-    for argv in (
-        [apt, *lock, "install", "-y", "--no-install-recommends", *missing] if missing else None,
-        [apt, *lock, "purge", "-y", *present] if present else None,
-    ):
-        if argv:
-            result = subprocess.run(argv, capture_output=True, text=True, env=apt_env, check=False)
-            if result.returncode != 0:
-                raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    return missing, present
-
-
-def snapshot(target: Path) -> Previous:
-    if not target.exists():
-        return Previous(None)
-    st = target.stat()
-    return Previous(target.read_bytes(), st.st_mode & 0o7777, st.st_uid, st.st_gid)
-
-
-def ids(owner: str, group: str) -> tuple[int, int]:
-    return pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid
-
-
-def differs(target: Path, want: Wanted) -> bool:
-    if not target.exists():
-        return True
-    st = target.stat()
-    return (target.read_bytes(), st.st_mode & 0o7777, st.st_uid, st.st_gid) != (
-        want.content,
-        want.mode,
-        *ids(want.owner, want.group),
+def _daemon(entry: object) -> Daemon:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+        raise BundleError("a service entry lacks its name")
+    name = entry["name"]
+    paths = _strings(entry.get("paths", []), f"service {name}: paths")
+    for path in paths:
+        _absolute(path, f"service {name}")
+    reload = entry.get("reload", "")
+    if not isinstance(reload, str):
+        raise BundleError(f"service {name}: reload must be a command string")
+    return Daemon(
+        name,
+        paths,
+        _strings(entry.get("prepare", []), f"service {name}: prepare"),
+        _strings(entry.get("check", []), f"service {name}: check"),
+        reload,
     )
 
 
-def write(target: Path, content: bytes, mode: int, uid: int, gid: int) -> None:
-    """Atomically: a temporary file created with its final mode, then renamed over the target."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+def parse(raw: bytes) -> Plan:
+    """The bundle as a plan, or BundleError saying what is wrong (never quoting file contents)."""
     try:
-        os.fchmod(fd, mode & 0o600)  # nobody else can read it while it is written
-        os.fchown(fd, uid, gid)
-        os.write(fd, content)
-        os.fsync(fd)
-        os.fchmod(fd, mode)
-        os.close(fd)
-        Path(temporary).replace(target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        doc = json.loads(raw.decode())
+    except UnicodeDecodeError:
+        raise BundleError("the bundle is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"the bundle is not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(doc, dict) or type(doc.get("version")) is not int or doc["version"] != VERSION:
+        raise BundleError(f"the bundle is not a version {VERSION} mailroom bundle")
+    for key in ("files", "services", "packages", "absent_packages"):
+        if not isinstance(doc.get(key), list):
+            raise BundleError(f"the bundle has no {key} list")
+    files = tuple(_file(entry) for entry in doc["files"])
+    paths = sorted(f.path for f in files)
+    for first, second in itertools.pairwise(paths):
+        if first == second:
+            raise BundleError(f"file {first} appears twice in the bundle")
+        if second.startswith(first + "/"):
+            raise BundleError(f"file {first} is also the directory of {second}")
+    if STATE in paths or LOCK in paths:
+        raise BundleError(f"the bundle may not replace mailroom's own {STATE}")
+    daemons = tuple(_daemon(entry) for entry in doc["services"])
+    names = [d.name for d in daemons]
+    if len(set(names)) != len(names):
+        raise BundleError("two services share a name")
+    packages = _strings(doc["packages"], "packages")
+    absent = _strings(doc["absent_packages"], "absent_packages")
+    for name in packages + absent:
+        if not PACKAGE_NAME.fullmatch(name):
+            raise BundleError(f"{name!r} is not a Debian package name")
+    if set(packages) & set(absent):
+        raise BundleError(f"packages both wanted and unwanted: {', '.join(sorted(set(packages) & set(absent)))}")
+    return Plan(files, daemons, packages, absent)
 
 
-def restore(root: Path, before: dict[str, Previous]) -> None:
-    for path, previous in before.items():
-        target = root / path.lstrip("/")
-        if previous.content is None:
-            target.unlink(missing_ok=True)
-        else:
-            write(target, previous.content, previous.mode, previous.uid, previous.gid)
+# --- commands and packages --------------------------------------------------------------------
 
 
-def owns(service: dict[str, Any], path: str) -> bool:
-    return any(path == p or (p.endswith("/") and path.startswith(p)) for p in service.get("paths", []))
-
-
-def apply(doc: dict[str, Any], root: Path) -> dict[str, Any]:
-    env = {**os.environ, "MAILROOM_ROOT": str(root)}
-    installed, purged = converge_packages(doc, env)
-    state_file = root / STATE
-    installed_before: list[str] = json.loads(state_file.read_text())["files"] if state_file.exists() else []
-
-    wanted = [
-        Wanted(
-            f["path"], f["content"].encode(), int(f.get("mode", 0o644)), f.get("owner", "root"), f.get("group", "root")
+def run(argv: list[str], env: dict[str, str]) -> tuple[int | None, str]:
+    """(exit status or None on timeout, combined output); the whole process group dies on timeout."""
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=env,
+            start_new_session=True,
         )
-        for f in doc["files"]
-    ]
-    wanted_paths = {w.path for w in wanted}
-    before: dict[str, Previous] = {}
-    for want in wanted:
-        target = root / want.path.lstrip("/")
-        if differs(target, want):
-            before[want.path] = snapshot(target)
-            write(target, want.content, want.mode, *ids(want.owner, want.group))
-    for path in installed_before:
-        target = root / path.lstrip("/")
-        if path not in wanted_paths and target.exists():
-            before[path] = snapshot(target)
-            target.unlink()
+    except OSError as exc:
+        return 127, f"cannot run {argv[0]}: {exc.strerror}\n"
+    try:
+        output, _ = process.communicate(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        return None, output + f"\n(killed after {COMMAND_TIMEOUT:g} seconds)\n"
+    return process.returncode, output
 
+
+def shell(command: str, env: dict[str, str]) -> tuple[int | None, str]:
+    return run(["/bin/sh", "-c", command], env)
+
+
+def failure(what: str, status: int | None, output: str) -> str:
+    how = "timed out" if status is None else f"exit {status}"
+    tail = output[-OUTPUT_TAIL:]
+    return f"{what} failed ({how})" + (f":\n{tail.rstrip()}" if tail.strip() else "")
+
+
+def is_installed(name: str, env: dict[str, str]) -> bool:
+    query = os.environ.get("MAILROOM_DPKG_QUERY", "dpkg-query")
+    status, output = run([query, "-W", "-f=${Status}\\n", name], env)
+    if status == 127:
+        raise ApplyError(output.strip())
+    return status == 0 and any(line.endswith(" installed") for line in output.splitlines())
+
+
+def converge_packages(plan: Plan, env: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Install what is missing, purge what must be absent; apt runs only when there is work."""
+    missing = [p for p in plan.packages if not is_installed(p, env)]
+    present = [p for p in plan.absent_packages if is_installed(p, env)]
+    apt = os.environ.get("MAILROOM_APT_GET", "apt-get")
+    # noninteractive: no debconf prompts; needrestart only lists (Ubuntu would restart daemons
+    # this apply did not touch); the dpkg lock is waited for, as unattended-upgrades may hold it.
+    apt_env = {**env, "DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "l"}
+    lock = ["-o", "DPkg::Lock::Timeout=600"]
+    if missing:
+        install = [apt, *lock, "install", "-y", "--no-install-recommends", *missing]
+        status, output = run(install, apt_env)
+        if status != 0:
+            # Package lists go stale on a long-lived server (a mode switch months later): refresh once.
+            run([apt, *lock, "update"], apt_env)
+            status, output = run(install, apt_env)
+        if status != 0:
+            raise ApplyError(failure(f"installing {' '.join(missing)}", status, output))
+    if present:
+        status, output = run([apt, *lock, "purge", "-y", *present], apt_env)
+        if status != 0:
+            raise ApplyError(failure(f"purging {' '.join(present)}", status, output))
+    return missing, present
+
+
+def owners(plan: Plan) -> dict[str, tuple[int, int]]:
+    """Each file's uid and gid on this host (after the packages created the daemons' users)."""
+    found: dict[str, tuple[int, int]] = {}
+    for f in plan.files:
+        try:
+            uid = pwd.getpwnam(f.owner).pw_uid
+        except KeyError:
+            raise BundleError(f"file {f.path}: no user {f.owner!r} on this server") from None
+        try:
+            gid = grp.getgrnam(f.group).gr_gid
+        except KeyError:
+            raise BundleError(f"file {f.path}: no group {f.group!r} on this server") from None
+        found[f.path] = (uid, gid)
+    return found
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def on_disk(target: Path) -> OnDisk:
+    try:
+        st = target.lstat()
+    except FileNotFoundError:
+        return OnDisk("missing")
+    except NotADirectoryError:
+        raise ApplyError(f"{target}: a parent of this path is not a directory") from None
+    if stat.S_ISLNK(st.st_mode):
+        return OnDisk("symlink", os.fsencode(target.readlink()), 0, st.st_uid, st.st_gid)
+    if stat.S_ISREG(st.st_mode):
+        return OnDisk("file", target.read_bytes(), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    raise ApplyError(f"{target} is not a regular file on this server; mailroom will not replace it")
+
+
+def sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_parents(target: Path, created: list[Path]) -> None:
+    """Create the missing parent directories (0755 root), remembering them for a rollback."""
+    missing = []
+    parent = target.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o755)
+        created.append(directory)
+
+
+def write(target: Path, content: bytes, mode: int, uid: int, gid: int, *, link: bool = False) -> None:
+    """Atomically replace target: a temporary file in the same directory, created 0600 (nobody
+    else can read a secret while it is written), fsynced, given its owner then its mode (chown
+    clears set-id bits), renamed over the target; the directory entry is fsynced too."""
+    temporary = target.with_name(f".{target.name}.mailroom-{secrets.token_hex(4)}")
+    try:
+        if link:
+            temporary.symlink_to(os.fsdecode(content))
+            os.lchown(temporary, uid, gid)
+        else:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as stream:
+                stream.write(content)
+                stream.flush()
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, mode)
+                os.fsync(fd)
+        temporary.replace(target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    sync_directory(target.parent)
+
+
+def remove(target: Path) -> None:
+    target.unlink(missing_ok=True)
+    sync_directory(target.parent)
+
+
+def put_back(target: Path, previous: OnDisk) -> None:
+    if previous.kind == "missing":
+        if target.is_symlink() or target.exists():
+            remove(target)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(target, previous.content, previous.mode, previous.uid, previous.gid, link=previous.kind == "symlink")
+
+
+def restore(root: Path, before: dict[str, OnDisk], created: list[Path]) -> list[str]:
+    """Every path back to what it held before this apply; the directories it made, gone."""
+    problems = []
+    for path, previous in before.items():
+        try:
+            put_back(root / path.lstrip("/"), previous)
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror}")
+    for directory in reversed(created):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+    return problems
+
+
+def read_state(root: Path) -> tuple[list[str], list[str]]:
+    """(paths a previous apply installed, services whose reload is still owed)."""
+    state_file = root / STATE.lstrip("/")
+    if not state_file.exists():
+        return [], []
+    try:
+        state: Any = json.loads(state_file.read_text())
+        files = [p for p in state["files"] if isinstance(p, str) and p.startswith("/") and ".." not in p.split("/")]
+        pending = [n for n in state.get("pending_reloads", []) if isinstance(n, str)]
+    except (ValueError, KeyError, TypeError):
+        # Forgetting what was installed only ever leaves files behind; it never removes others.
+        print(f"mailroom apply: warning: {STATE} is unreadable; starting a new record", file=sys.stderr)
+        return [], []
+    return files, pending
+
+
+def write_state(root: Path, files: list[str], pending: list[str]) -> None:
+    state_file = root / STATE.lstrip("/")
+    text = json.dumps({"version": VERSION, "files": files, "pending_reloads": pending}, indent=1) + "\n"
+    if not state_file.exists() or state_file.read_text() != text:
+        write(state_file, text.encode(), 0o600, 0, 0)
+
+
+@contextlib.contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """One apply at a time: a second one waits for the first."""
+    lock_file = root / LOCK.lstrip("/")
+    lock_file.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- the apply --------------------------------------------------------------------------------
+
+
+def install_files(
+    plan: Plan, root: Path, ids: dict[str, tuple[int, int]], previously: list[str]
+) -> tuple[dict[str, OnDisk], list[Path]]:
+    """Write what differs and remove what left the bundle; (what each changed path held, new dirs).
+    Any error on the way puts everything back before it is raised."""
+    wanted = {f.path for f in plan.files}
+    before: dict[str, OnDisk] = {}
+    # Look before touching: a path that is a directory stops the apply with nothing written.
+    for f in plan.files:
+        current = on_disk(root / f.path.lstrip("/"))
+        if current != OnDisk("file", f.content, f.mode, *ids[f.path]):
+            before[f.path] = current
+    for path in previously:
+        if path not in wanted:
+            current = on_disk(root / path.lstrip("/"))
+            if current.kind != "missing":
+                before[path] = current
+    created: list[Path] = []
+    try:
+        for f in plan.files:
+            if f.path in before:
+                target = root / f.path.lstrip("/")
+                make_parents(target, created)
+                write(target, f.content, f.mode, *ids[f.path])
+        for path in before:
+            if path not in wanted:
+                remove(root / path.lstrip("/"))
+    except BaseException:
+        restore(root, before, created)
+        raise
+    return before, created
+
+
+def apply(plan: Plan, root: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """Converge; (the summary, reload failures). Raises ApplyError with the files put back."""
+    env = {**os.environ, "MAILROOM_ROOT": str(root)}
+    installed, purged = converge_packages(plan, env)
+    ids = owners(plan)
+    previously, pending = read_state(root)
+    try:
+        before, created = install_files(plan, root, ids, previously)
+    except OSError as exc:
+        raise ApplyError(f"writing {exc.filename}: {exc.strerror}; the previous files are back in place") from None
     changed = sorted(before)
-    touched = [s for s in doc["services"] if any(owns(s, p) for p in changed)]
-    for service in touched:
-        for command in [*service.get("prepare", []), *service.get("check", [])]:
-            result = run(command, env)
-            if result.returncode != 0:
-                restore(root, before)
-                raise RuntimeError(
-                    f"service {service['name']}: `{command}` failed (exit {result.returncode}); "
-                    f"the previous files are back in place and nothing was reloaded.\n"
-                    f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    touched = [d for d in plan.daemons if any(d.owns(p) for p in changed)]
+
+    prepared: list[Daemon] = []
+    for daemon in touched:
+        if daemon.prepare:
+            prepared.append(daemon)
+        for command in (*daemon.prepare, *daemon.check):
+            status, output = shell(command, env)
+            if status != 0:
+                problems = restore(root, before, created)
+                # Derived files (postmap's .db, compiled sieve) must follow the restored sources.
+                for again in prepared:
+                    for step in again.prepare:
+                        redo, redo_output = shell(step, env)
+                        if redo != 0:
+                            problems.append(
+                                failure(f"service {again.name}: `{step}` on the restored files", redo, redo_output)
+                            )
+                message = (
+                    f"service {daemon.name}: {failure(f'`{command}`', status, output)}\n"
+                    "the previous files are back in place and nothing was reloaded."
                 )
-    reloaded = []
-    for service in touched:
-        if service.get("reload"):
-            result = run(service["reload"], env)
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"service {service['name']}: `{service['reload']}` failed (exit {result.returncode}) "
-                    f"after its checks passed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
-                )
-            reloaded.append(service["name"])
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    write(state_file, json.dumps({"files": sorted(wanted_paths)}).encode(), 0o600, 0, 0)
-    return {"changed": changed, "reloaded": reloaded, "installed": installed, "removed_packages": purged}
+                if problems:
+                    message += "\nwhile restoring:\n" + "\n".join(problems)
+                raise ApplyError(message)
+
+    due = {d.name for d in touched} | set(pending)
+    reloaded: list[str] = []
+    failed: list[str] = []
+    errors: list[str] = []
+    for daemon in plan.daemons:
+        if daemon.name not in due:
+            continue
+        if not daemon.reload:
+            continue
+        status, output = shell(daemon.reload, env)
+        if status == 0:
+            reloaded.append(daemon.name)
+        else:
+            failed.append(daemon.name)
+            errors.append(f"service {daemon.name}: {failure(f'`{daemon.reload}`', status, output)}")
+    write_state(root, sorted(f.path for f in plan.files), failed)
+    if errors:
+        errors.append("its checks had passed: the new files stay, and the next apply retries the reload.")
+    summary = {"changed": changed, "reloaded": reloaded, "installed": installed, "removed_packages": purged}
+    return summary, errors
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Converge this server to a mailroom bundle read on stdin.")
     parser.add_argument("--root", type=Path, default=Path("/"), help="apply under this directory instead of /")
     args = parser.parse_args(argv)
+    root: Path = args.root.resolve()
+    os.umask(0o022)
     try:
-        doc = parse(sys.stdin.read())
+        plan = parse(sys.stdin.buffer.read())
     except BundleError as exc:
         print(f"mailroom apply: refused: {exc}", file=sys.stderr)
         return 2
+    if not root.is_dir():
+        print(f"mailroom apply: {root} is not a directory", file=sys.stderr)
+        return 2
     try:
-        summary = apply(doc, args.root)
-    except RuntimeError as exc:
+        with locked(root):
+            summary, errors = apply(plan, root)
+    except BundleError as exc:
+        print(f"mailroom apply: refused: {exc}", file=sys.stderr)
+        return 2
+    except ApplyError as exc:
         print(f"mailroom apply: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"mailroom apply: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
-    return 0
+    for error in errors:
+        print(f"mailroom apply: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
