@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,9 +36,11 @@ def fake_apt(tmp_path: Path) -> dict[str, str]:
     return {"MAILROOM_DPKG_QUERY": str(query), "MAILROOM_APT_GET": str(apt), "log": str(log)}
 
 
-def apply(bundle: Bundle | str, root: Path, fake_apt: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def apply(
+    bundle: Bundle | str, root: Path, fake_apt: dict[str, str], **extra_env: str
+) -> subprocess.CompletedProcess[str]:
     text = bundle if isinstance(bundle, str) else bundle.to_json()
-    env = {k: v for k, v in fake_apt.items() if k != "log"}
+    env = {"PATH": os.environ["PATH"], **{k: v for k, v in fake_apt.items() if k != "log"}, **extra_env}
     return subprocess.run(
         [sys.executable, str(APPLY), "--root", str(root)],
         input=text,
@@ -54,7 +57,7 @@ def service(name: str, prefix: str, check: str = "true") -> Service:
         name,
         (prefix,),
         prepare=(f"echo prepare >> {log}",),
-        check=(check,),
+        check=(f"echo check >> {log}", check),
         reload=f"echo reload >> {log}",
     )
 
