@@ -17,13 +17,37 @@ from infra.packages import BASE, DIRECT, SPAM, WEBMAIL
 
 CACHE = Path(os.environ.get("MAILROOM_LAB_CACHE", "/var/cache/mailroom-lab"))
 SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+APT_SOURCES = Path("/etc/apt/sources.list.d")
 # What a Debian cloud image has and the minimal debootstrap variant lacks.
 SYSTEM = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "cloud-init", "python3", "python3-cffi-backend",
     "locales", "sudo", "iproute2", "ca-certificates", "openssl", "procps", "cron", "less", "psmisc",
 )  # fmt: skip
 MAIL_STACK = (*BASE, *[p for names in SPAM.values() for p in names], *WEBMAIL, *DIRECT, "php-cli")
+
+
+def configured_mirror() -> str:
+    """The Debian mirror this machine's apt uses (the only way out to the registry here)."""
+    candidates = sorted(APT_SOURCES.glob("*.sources")) if APT_SOURCES.is_dir() else []
+    for sources in candidates:
+        for stanza in sources.read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and line[0] != "#")
+            uris = fields.get("URIs", "").split()
+            if uris and SUITE in fields.get("Suites", "").split() and "security" not in uris[0]:
+                return uris[0].rstrip("/")
+    legacy = Path("/etc/apt/sources.list")
+    for line in legacy.read_text().splitlines() if legacy.exists() else []:
+        words = line.split()
+        if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
+            return words[1].rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def in_use(image: Path) -> bool:
+    """Is IMAGE the lower layer of a mounted overlay (a lab host running on it right now)?"""
+    mounts = Path("/proc/self/mountinfo").read_text()
+    return f"lowerdir={image}," in mounts or f"lowerdir={image}/root," in mounts
 
 
 def image_key() -> str:
@@ -47,12 +71,14 @@ def build_image(log: bool = True) -> Path:
         return root
     if CACHE.exists():
         for stale in CACHE.iterdir():  # older package lists, and a half-built image
-            shutil.rmtree(stale)
+            if not in_use(stale / "root"):  # a running lab keeps its image until it is down
+                shutil.rmtree(stale)
     root.parent.mkdir(parents=True)
     if log:
         print(f"lab: building the host image in {root} (once; cached by its package list)", flush=True)
+    mirror = configured_mirror()
     subprocess.run(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(SYSTEM)}", SUITE, str(root), MIRROR],
+        ["debootstrap", "--variant=minbase", f"--include={','.join(SYSTEM)}", SUITE, str(root), mirror],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -60,7 +86,7 @@ def build_image(log: bool = True) -> Path:
     policy = root / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
-    (root / "etc/apt/sources.list").write_text(f"deb {MIRROR} {SUITE} main\n")
+    (root / "etc/apt/sources.list").write_text(f"deb {mirror} {SUITE} main\n")
     for mount in ("proc", "sys", "dev"):
         subprocess.run(["mount", "--bind", f"/{mount}", str(root / mount)], check=True)
     try:

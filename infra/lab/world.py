@@ -1,12 +1,17 @@
 """The outside world, stood in for inside the lab's world namespace.
 
 `python -m infra.lab.world dns ZONEFILE ADDRESS` serves a zone file (the records function's
-output, plus the lab's few outside names) as the authoritative and only DNS of the lab.
+output, plus the lab's few outside names) as the authoritative and only DNS of the lab. It
+re-reads the file when it changes, so the lab can publish records later (an ACME DNS-01 TXT).
 
 `python -m infra.lab.world ses DIR ADDRESS HOSTNAME USER PASSWORD_FILE` answers as the SES SMTP
 endpoint: STARTTLS with a lab CA certificate, AUTH PLAIN/LOGIN accepting only the one user and
 password, each accepted message written to DIR. Writing `4xx` or `5xx` into DIR/mode makes it
-answer 451 / 554 to recipients; stopping the process takes it away.
+answer 451 / 554 to recipients; `away` closes its port (connection refused) until the mode
+changes again; stopping the process takes it away for good.
+
+`python -m infra.lab.world sink DIR ADDRESS HOSTNAME CERT KEY` is another domain's mail server:
+port 25, STARTTLS offered, no AUTH, every message written to DIR.
 """
 
 from __future__ import annotations
@@ -16,19 +21,44 @@ import email.utils
 import json
 import ssl
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-SUBMISSION_PORT = 587
+SMTP_PORT, SUBMISSION_PORT = 25, 587
+
+
+class ReloadingZone:
+    """dnslib resolver over a zone file, re-read whenever the file's modification time changes."""
+
+    def __init__(self, zone_file: Path) -> None:
+        self.zone_file = zone_file
+        self.loaded_at = -1.0
+        self.resolver: Any = None
+        self.lock = threading.Lock()
+
+    def resolve(self, request: Any, handler: Any) -> Any:
+        from dnslib.zoneresolver import ZoneResolver
+
+        with self.lock:
+            modified = self.zone_file.stat().st_mtime
+            if modified != self.loaded_at:
+                self.resolver = ZoneResolver(self.zone_file.read_text(), glob=False)
+                self.loaded_at = modified
+            resolver = self.resolver
+        return resolver.resolve(request, handler)
 
 
 def serve_dns(zone_file: Path, address: str) -> None:
-    from dnslib.server import DNSServer
-    from dnslib.zoneresolver import ZoneResolver
+    from dnslib.server import DNSLogger, DNSServer
 
-    resolver = ZoneResolver(zone_file.read_text(), glob=False)
-    servers = [DNSServer(resolver, address=address, port=53, tcp=tcp) for tcp in (False, True)]
+    resolver = ReloadingZone(zone_file)
+    quiet = DNSLogger("-request,-reply,-truncated,-data")  # errors only: the lab's logs stay readable
+    servers = [
+        DNSServer(resolver, address=address, port=53, tcp=tcp, logger=quiet)  # type: ignore[arg-type]
+        for tcp in (False, True)
+    ]
     for server in servers:
         server.start_thread()
     while all(s.isAlive() for s in servers):
@@ -89,6 +119,34 @@ def serve_ses(spool: Path, address: str, hostname: str, user: str, password_file
         data_size_limit=40 * 1024 * 1024,
     )
     controller.start()
+    listening = True
+    try:
+        while True:
+            # "away": the endpoint is unreachable (connection refused), as during an outage.
+            away = (spool / "mode").exists() and (spool / "mode").read_text().strip() == "away"
+            if away and listening:
+                controller.stop()
+                listening = False
+            elif not away and not listening:
+                controller.start()
+                listening = True
+            time.sleep(0.2)
+    finally:
+        if listening:
+            controller.stop()
+
+
+def serve_sink(spool: Path, address: str, hostname: str, cert: Path, key: Path) -> None:
+    """Another domain's MX: accepts any mail on port 25 (STARTTLS offered, not required)."""
+    from aiosmtpd.controller import Controller
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    spool.mkdir(parents=True, exist_ok=True)
+    controller = Controller(
+        SesStandIn(spool), hostname=address, port=SMTP_PORT, server_hostname=hostname, tls_context=context
+    )
+    controller.start()
     try:
         while True:
             time.sleep(1)
@@ -103,8 +161,11 @@ def main(argv: list[str]) -> None:
     elif argv[0] == "ses":
         spool, address, hostname, user, password_file, cert, key = argv[1:8]
         serve_ses(Path(spool), address, hostname, user, Path(password_file), Path(cert), Path(key))
+    elif argv[0] == "sink":
+        spool, address, hostname, cert, key = argv[1:6]
+        serve_sink(Path(spool), address, hostname, Path(cert), Path(key))
     else:
-        raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses")
+        raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses, sink")
 
 
 if __name__ == "__main__":
