@@ -69,9 +69,7 @@ class Connection:
         ]  # fmt: skip
 
 
-def run_command(
-    connection: Connection, command: LabCommand, timeout: float = DEFAULT_TIMEOUT_SECONDS
-) -> CommandResult:
+def run_command(connection: Connection, command: LabCommand, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> CommandResult:
     started = time.monotonic()
     try:
         result = subprocess.run(

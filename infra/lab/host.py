@@ -92,6 +92,17 @@ def point_resolver(root: Path, dns_ipv4: str) -> None:
         )
 
 
+def name_mail_system(root: Path, host_name: str) -> None:
+    """What Postfix's package asks debconf at install time on the droplet: the mail name. The
+    image installed it on the build machine (myhostname was reset to localhost there)."""
+    (root / "etc/mailname").write_text(host_name + "\n")
+    main_cf = root / "etc/postfix/main.cf"
+    if main_cf.exists():
+        lines = main_cf.read_text().splitlines()
+        lines = [f"myhostname = {host_name}" if line.startswith("myhostname =") else line for line in lines]
+        main_cf.write_text("\n".join(lines) + "\n")
+
+
 def trust(root: Path, certificates: dict[str, Path]) -> None:
     """Install CA certificates (name -> PEM file) into the guest's system trust store."""
     target = root / CA_DIR

@@ -320,6 +320,7 @@ def up(
         root = host.mount_fresh_root(image, directory, ledger)
         host.write_seed(root, user_data, f"{name}-{int(time.time())}", settings.host_label)
         host.point_resolver(root, info.dns_ipv4)
+        host.name_mail_system(root, settings.host_name)
         host.trust(root, {"mailroom-lab-ca": ca.certificate_path, "mailroom-lab-acme-root": Path(info.acme_root)})
         info.volume_device = host.attach_volume(directory, ledger)
         boot_started = time.monotonic()
@@ -375,6 +376,39 @@ def down(name: str = DEFAULT_NAME) -> list[str]:
     return problems
 
 
+def leftovers(name: str = DEFAULT_NAME) -> list[str]:
+    """Anything of the lab still on this machine (empty after a clean `down`)."""
+    names = network.Namespaces(name)
+    directory = state_dir(name)
+    found = []
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    found += [
+        f"namespace {line.split()[0]}"
+        for line in listed.splitlines()
+        if line.split()[:1] in ([names.host], [names.world])
+    ]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    found += [f"link {line.split()[1]}" for line in links.splitlines() if line.split()[1].startswith(f"{name}-")]
+    mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=True).stdout
+    found += [f"mount {m}" for m in mounts.splitlines() if m.startswith(str(directory))]
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
+    found += [f"loop {line}" for line in loops.splitlines() if str(directory) in line]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(directory) in text or f"/run/netns/{names.host}" in text:
+            found.append(f"process {cmdline.parent.name}: {text[:120]}")
+    for hierarchy in ("systemd", "unified"):
+        group = host.CGROUP_ROOT / hierarchy / f"mailroom-lab-{name}"
+        if group.exists():
+            found.append(f"cgroup {group}")
+    if directory.exists():
+        found.append(f"state directory {directory}")
+    return found
+
+
 @dataclass(frozen=True)
 class LabStatus:
     up: bool
@@ -427,7 +461,18 @@ def set_ses_mode(info: LabInfo, mode: str) -> None:
     spool = Path(info.ses_spool)
     spool.mkdir(parents=True, exist_ok=True)
     (spool / "mode").write_text(mode + "\n")
-    time.sleep(0.5)  # the stand-in polls its mode file every 0.2 s
+
+    def port_open() -> bool:
+        try:
+            with socket.create_connection((info.ses_ipv4, SES_SUBMISSION_PORT), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    # The stand-in polls its mode file every 0.2 s; return once its port says it has noticed.
+    deadline = time.monotonic() + 10
+    while call_in(info.world_netns, port_open) == (mode == "away") and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def publish(info: LabInfo, lines: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +66,7 @@ class LabCA:
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
@@ -75,7 +74,7 @@ class LabCA:
         _write_key(self._key_path, key)
         self.certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, label: str, names: list[str], addresses: list[str] = ()) -> IssuedCertificate:  # type: ignore[assignment]
+    def issue(self, label: str, names: Sequence[str], addresses: Sequence[str] = ()) -> IssuedCertificate:
         """A server certificate for NAMES (and IP addresses), written as LABEL.crt / LABEL.key."""
         now = datetime.datetime.now(datetime.UTC)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -92,9 +91,7 @@ class LabCA:
             .add_extension(x509.SubjectAlternativeName(alternative), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256())
         )
         issued = IssuedCertificate(self.directory / f"{label}.crt", self.directory / f"{label}.key")
@@ -131,6 +128,8 @@ def dkim_key_pair(path: Path) -> str:
     if not path.exists():
         _write_key(path, rsa.generate_private_key(public_exponent=65537, key_size=2048))
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )

@@ -106,33 +106,36 @@ def serve_ses(spool: Path, address: str, hostname: str, user: str, password_file
         return AuthResult(success=ok, handled=False, auth_data=data.login.decode() if ok else None)
 
     spool.mkdir(parents=True, exist_ok=True)
-    controller = Controller(
-        SesStandIn(spool),
-        hostname=address,
-        port=SUBMISSION_PORT,
-        server_hostname=hostname,
-        tls_context=context,
-        require_starttls=True,
-        auth_required=True,
-        auth_require_tls=True,
-        authenticator=authenticate,
-        data_size_limit=40 * 1024 * 1024,
-    )
-    controller.start()
-    listening = True
+
+    def listening() -> Any:  # a stopped Controller's loop is closed: each start needs a new one
+        controller = Controller(
+            SesStandIn(spool),
+            hostname=address,
+            port=SUBMISSION_PORT,
+            server_hostname=hostname,
+            tls_context=context,
+            require_starttls=True,
+            auth_required=True,
+            auth_require_tls=True,
+            authenticator=authenticate,
+            data_size_limit=40 * 1024 * 1024,
+        )
+        controller.start()
+        return controller
+
+    controller = listening()
     try:
         while True:
             # "away": the endpoint is unreachable (connection refused), as during an outage.
             away = (spool / "mode").exists() and (spool / "mode").read_text().strip() == "away"
-            if away and listening:
+            if away and controller is not None:
                 controller.stop()
-                listening = False
-            elif not away and not listening:
-                controller.start()
-                listening = True
+                controller = None
+            elif not away and controller is None:
+                controller = listening()
             time.sleep(0.2)
     finally:
-        if listening:
+        if controller is not None:
             controller.stop()
 
 
