@@ -274,7 +274,11 @@ def up(
     ledger = Ledger(directory)
     if network.exists(names) or ledger.entries():
         raise LabError(f"a lab named {name!r} is already up (or half down); run lab down first")
-    say = (lambda _text: None) if quiet else (lambda text: print(f"lab: {text}", flush=True))
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(f"lab: {text}", flush=True)
+
     started = time.monotonic()
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)

@@ -86,7 +86,7 @@ def routed_overlaps() -> list[str]:
                 network = ipaddress.ip_network(target, strict=False)
             except ValueError:
                 continue
-            if any(network.overlaps(ipaddress.ip_network(r)) for r in LAB_RANGES):  # type: ignore[arg-type]
+            if any(network.overlaps(ipaddress.ip_network(r)) for r in LAB_RANGES):
                 found.append(line)
     return found
 

@@ -55,10 +55,7 @@ def serve_dns(zone_file: Path, address: str) -> None:
 
     resolver = ReloadingZone(zone_file)
     quiet = DNSLogger("-request,-reply,-truncated,-data")  # errors only: the lab's logs stay readable
-    servers = [
-        DNSServer(resolver, address=address, port=53, tcp=tcp, logger=quiet)  # type: ignore[arg-type]
-        for tcp in (False, True)
-    ]
+    servers = [DNSServer(resolver, address=address, port=53, tcp=tcp, logger=quiet) for tcp in (False, True)]
     for server in servers:
         server.start_thread()
     while all(s.isAlive() for s in servers):
