@@ -23,9 +23,10 @@ def volume_device(settings: Settings) -> str:
     return f"/dev/disk/by-id/scsi-0DO_Volume_{settings.volume_name}"
 
 
-def _environment() -> jinja2.Environment:
+def template_environment(directory: Path = TEMPLATES) -> jinja2.Environment:
+    """Templates are the files the server gets: no escaping, no undefined value let through."""
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
+        loader=jinja2.FileSystemLoader(directory),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
@@ -34,7 +35,7 @@ def _environment() -> jinja2.Environment:
 
 def render_user_data(settings: Settings) -> str:
     return (
-        _environment()
+        template_environment()
         .get_template("user-data.yaml.j2")
         .render(
             host_name=settings.host_name,

@@ -64,22 +64,10 @@ def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
 def zone_text(stack: str, overrides: dict[str, Any]) -> str:
     """The zone file, with the stand-in facts of an offline run (addresses, keys, SES tokens)."""
     from infra.offline import run_program
-    from infra.records import Facts, dkim_public_key_body, zone_file
+    from infra.records import zone_file
 
     run = run_program(stack, overrides)
-    droplet = run.one("digitalocean:index/droplet:Droplet")
-    dkim = run.named("dkim-key")
-    tokens = [
-        t
-        for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity")
-        for t in r.state["dkimSigningAttributes"]["tokens"]
-    ]
-    facts = Facts(
-        droplet.state["ipv4Address"],
-        droplet.state["ipv6Address"],
-        dkim_public_key_body(dkim.state["publicKeyPem"]),
-        tuple(tokens),
-    )
+    facts = run.facts()
     header = (
         "; stand-in facts from an offline run: replace addresses, DKIM key and SES tokens with your stack's outputs\n"
     )

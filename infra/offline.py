@@ -28,6 +28,7 @@ from pulumi.runtime.config import set_all_config
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
+from infra.records import Facts, dkim_public_key_body
 from infra.settings import Settings, load_schema, parse_settings
 from infra.stack import PROJECT, stack_config
 
@@ -78,6 +79,17 @@ class OfflineRun:
         if len(found) != 1:
             raise LookupError(f"{len(found)} resources of type {type_}, expected one")
         return found[0]
+
+    def facts(self) -> Facts:
+        """The deploy-time facts as the stand-in cloud answered them (addresses, keys, tokens)."""
+        droplet = self.one("digitalocean:index/droplet:Droplet")
+        identities = self.of_type("aws:sesv2/emailIdentity:EmailIdentity")
+        return Facts(
+            droplet.state["ipv4Address"],
+            droplet.state["ipv6Address"],
+            dkim_public_key_body(self.named("dkim-key").state["publicKeyPem"]),
+            tuple(t for r in identities for t in r.state["dkimSigningAttributes"]["tokens"]),
+        )
 
     def named(self, name: str) -> Declared:
         for r in self.resources:

@@ -12,9 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
-from infra.bootstrap import MAIL_DIR
+from infra.bootstrap import MAIL_DIR, template_environment
 from infra.bundle import Bundle, BundleFile, ServerSecrets, Service
 from infra.packages import DIRECT, SPAM, WEBMAIL, packages
 from infra.records import mta_sts_policy
@@ -43,15 +41,6 @@ SECRET_FILES: dict[str, tuple[int, str, str]] = {
 }
 
 POSTFIX_MAPS = ("virtual_mailboxes", "virtual_aliases", "sender_logins")
-
-
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(FILES),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
 
 
 def layers(settings: Settings) -> tuple[str, ...]:
@@ -261,7 +250,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
 
 
 def render_bundle(settings: Settings, secrets: ServerSecrets) -> Bundle:
-    environment = _environment()
+    environment = template_environment(FILES)
     values = context(settings, secrets)
     files = [
         _file(path, environment.get_template(template).render(values), settings)

@@ -14,7 +14,7 @@ from infra.bootstrap import render_user_data
 from infra.host import ANYWHERE, PUBLIC_TCP_PORTS, SSH_PORT
 from infra.offline import OfflineRun
 from infra.provisioning import APPLY_PATH, BOOTSTRAP_MARKER
-from infra.records import Facts, Record, dkim_public_key_body, records
+from infra.records import Record, records
 from infra.relay import smtp_endpoint
 from infra.settings import SettingsError
 from tests.conftest import offline_run
@@ -179,21 +179,6 @@ def test_certbot_token_may_edit_dns_in_this_zone_only(stack: str) -> None:
     assert json.loads(policy["resources"]) == {f"com.cloudflare.api.account.zone.{zone_id}": "*"}
 
 
-def facts_of(run: OfflineRun) -> Facts:
-    droplet = run.one(DROPLET)
-    tokens = [
-        t
-        for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity")
-        for t in r.state["dkimSigningAttributes"]["tokens"]
-    ]
-    return Facts(
-        droplet.state["ipv4Address"],
-        droplet.state["ipv6Address"],
-        dkim_public_key_body(run.named("dkim-key").state["publicKeyPem"]),
-        tuple(tokens),
-    )
-
-
 def as_declared(record: Record) -> dict[str, Any]:
     """What a DnsRecord resource must carry for this record."""
     base: dict[str, Any] = {"name": record.name, "type": record.type, "ttl": float(record.ttl), "proxied": False}
@@ -213,7 +198,7 @@ def as_declared(record: Record) -> dict[str, Any]:
 @pytest.mark.parametrize(("stack", "relay", "spam"), COMBINATIONS)
 def test_cloudflare_records_are_exactly_the_record_list(stack: str, relay: str, spam: str) -> None:
     run = run_for(stack, relay, spam)
-    expected = {f"zone-{r.key}": as_declared(r) for r in records(run.settings, facts_of(run))}
+    expected = {f"zone-{r.key}": as_declared(r) for r in records(run.settings, run.facts())}
     declared = {
         r.name: {
             k: v for k, v in r.inputs.items() if k in ("name", "type", "ttl", "proxied", "content", "data", "priority")

@@ -13,7 +13,6 @@ creates; `down()` removes every namespace, link, mount and process it made.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import json
 import os
@@ -21,12 +20,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,8 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from infra.lab.image import build_image
+from infra.lab.netns import call_in
 from infra.offline import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, remote_steps, run_program
-from infra.records import Facts, dkim_public_key_body, zone_file
+from infra.records import zone_file
 from infra.relay import smtp_endpoint
 
 STATE_DIR = Path(os.environ.get("MAILROOM_LAB_STATE", "/var/lib/mailroom-lab/run"))
@@ -44,10 +43,7 @@ WORLD_IPV4, WORLD_IPV6 = "203.0.113.1", "2001:db8:10::1"
 DNS_IP, SES_IP, REMOTE_IP = "203.0.113.53", "203.0.113.20", "203.0.113.30"
 REMOTE_DOMAIN = "example.com"  # the outside correspondent's domain, served by the lab DNS
 MACHINE = "mailroom-lab"
-CLONE_NEWNET = 0x40000000
 LAB_PASSWORD_USERS = 2
-
-T = TypeVar("T")
 
 
 class LabError(RuntimeError):
@@ -84,28 +80,8 @@ def sh(*argv: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedPro
     return result
 
 
-def in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run fn in a thread that joined the named network namespace (its sockets live there)."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        with Path(f"/run/netns/{name}").open() as ns:
-            if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-                box["error"] = OSError(ctypes.get_errno(), f"setns {name}")
-                return
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    value: T = box["value"]
-    return value
+# Running code inside a namespace: one implementation, shared with the lab machinery.
+in_netns = call_in
 
 
 # --- the network -------------------------------------------------------------------------
@@ -217,18 +193,7 @@ def lab_hashes(run: OfflineRun) -> list[str]:
 
 def lab_zone(run: OfflineRun) -> str:
     """Exactly the program's records for the lab's facts, plus the few outside names."""
-    droplet = run.one("digitalocean:index/droplet:Droplet")
-    tokens = [
-        t
-        for r in run.of_type("aws:sesv2/emailIdentity:EmailIdentity")
-        for t in r.state["dkimSigningAttributes"]["tokens"]
-    ]
-    facts = Facts(
-        droplet.state["ipv4Address"],
-        droplet.state["ipv6Address"],
-        dkim_public_key_body(run.named("dkim-key").state["publicKeyPem"]),
-        tuple(tokens),
-    )
+    facts = run.facts()
     s = run.settings
     reverse = ".".join(reversed(DROPLET_IPV4.split("."))) + ".in-addr.arpa."
     outside = [
