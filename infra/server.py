@@ -28,17 +28,24 @@ SPAMD_CHILDREN = 2
 REDIS_MAX_MEMORY = "64mb"
 # Blocklists postscreen scores clients against (weights: a listing of weight 3 is enough).
 DNSBL_SITES = ("zen.spamhaus.org=127.0.0.[2..11]*3", "bl.spamcop.net*2", "b.barracudacentral.org=127.0.0.2*2")
-DQS_ZONE = "{key}.zen.dq.spamhaus.net=127.0.0.[2..11]*3"
+DQS_ZONE = "{key}.zen.dq.spamhaus.net"
+DQS_FILTER = "=127.0.0.[2..11]*3"
+PUBLIC_ZEN = "zen.spamhaus.org"
 
 # Which files are secret, and who may read them (mode, owner, group).
 SECRET_FILES: dict[str, tuple[int, str, str]] = {
     "/etc/postfix/sasl_passwd": (0o600, "root", "root"),
+    # postscreen opens it as root, before it drops privileges; the group is a safety margin.
+    "/etc/postfix/dnsbl_reply_map": (0o640, "root", "postfix"),
     "/etc/dovecot/users": (0o640, "root", "dovecot"),
     "/etc/letsencrypt/mailroom-cloudflare.ini": (0o600, "root", "root"),
     "/etc/opendkim/keys/{selector}.private": (0o600, "opendkim", "opendkim"),
     "/etc/rspamd/dkim/{selector}.key": (0o640, "root", "_rspamd"),
     "/etc/roundcube/config.inc.php": (0o640, "root", "www-data"),
 }
+# main.cf holds the Spamhaus DQS key (postscreen_dnsbl_sites) when one is set. Postfix's daemons
+# read it as root; only local users running sendmail themselves lose it, and they have no mail here.
+MAIN_CF_WITH_KEY = ("/etc/postfix/main.cf", (0o640, "root", "postfix"))
 
 POSTFIX_MAPS = ("virtual_mailboxes", "virtual_aliases", "sender_logins")
 
@@ -83,12 +90,29 @@ def certificate_names(settings: Settings) -> list[str]:
     return [settings.host_name, f"mta-sts.{settings.domain}", f"autoconfig.{settings.domain}"]
 
 
-def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
-    names = certificate_names(settings)
-    dnsbl = list(DNSBL_SITES)
+def dnsbl(settings: Settings) -> tuple[list[str], list[tuple[str, str]]]:
+    """postscreen's blocklists, and the names it shows instead of those that hold a key."""
+    sites = list(DNSBL_SITES)
+    shown: list[tuple[str, str]] = []
     if settings.spamhaus_dqs_key:
         # Spamhaus answers DQS queries from any resolver; the public zone is then dropped.
-        dnsbl[0] = DQS_ZONE.format(key=settings.spamhaus_dqs_key.reveal())
+        queried = DQS_ZONE.format(key=settings.spamhaus_dqs_key.reveal())
+        sites[0] = queried + DQS_FILTER
+        shown.append((queried, PUBLIC_ZEN))
+    return sites, shown
+
+
+def secret_files(settings: Settings) -> dict[str, tuple[int, str, str]]:
+    """Destination path -> (mode, owner, group) of every file that holds a secret."""
+    paths = {p.format(selector=settings.dkim_selector): v for p, v in SECRET_FILES.items()}
+    if settings.spamhaus_dqs_key:
+        paths[MAIN_CF_WITH_KEY[0]] = MAIN_CF_WITH_KEY[1]
+    return paths
+
+
+def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
+    names = certificate_names(settings)
+    sites, shown = dnsbl(settings)
     return {
         "host_name": settings.host_name,
         "domain": settings.domain,
@@ -98,7 +122,8 @@ def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
         "mailboxes": settings.mailboxes,
         "aliases": settings.aliases,
         "sender_logins": sender_logins(settings),
-        "dnsbl_sites": ", ".join(dnsbl),
+        "dnsbl_sites": ", ".join(sites),
+        "dnsbl_reply_map": shown,
         "spam_filter": settings.spam_filter.value,
         "relay_snippet": f"relay/{settings.relay.value}.cf.j2",
         "relay_host": relay_host(settings),
@@ -130,7 +155,7 @@ def _templates(settings: Settings) -> Iterator[tuple[str, str]]:
 
 
 def _file(path: str, content: str, settings: Settings) -> BundleFile:
-    secret = {p.format(selector=settings.dkim_selector): v for p, v in SECRET_FILES.items()}
+    secret = secret_files(settings)
     if path in secret:
         mode, owner, group = secret[path]
         return BundleFile(path, content, mode, owner, group, secret=True)
@@ -158,8 +183,10 @@ def services(settings: Settings) -> tuple[Service, ...]:
         ),
         Service(
             "dovecot",
-            ("/etc/dovecot/",),
+            ("/etc/dovecot/", "/etc/systemd/system/dovecot.service.d/"),
             prepare=(
+                # The unit's drop-in (wait for the mail volume) counts from the next start.
+                "systemctl daemon-reload",
                 "getent passwd vmail >/dev/null || useradd --system --user-group --home-dir "
                 f"{MAIL_DIR} --shell /usr/sbin/nologin vmail",
                 f"install -d -o vmail -g vmail -m 0750 {MAIL_DIR}",
@@ -173,7 +200,8 @@ def services(settings: Settings) -> tuple[Service, ...]:
         ),
         Service(
             "unbound",
-            ("/etc/unbound/",),
+            # resolv.conf sends the host's queries (Postfix's among them) to unbound.
+            ("/etc/unbound/", "/etc/resolv.conf"),
             check=("unbound-checkconf",),
             reload="systemctl reload-or-restart unbound",
         ),
