@@ -3,7 +3,7 @@
 
 Protocol
 --------
-Invocation: ``apply.py [--root DIR]`` with one JSON bundle on stdin (infra/bundle.py, version 1)::
+Invocation: ``apply.py [--root DIR] [--dry-run]`` with one JSON bundle on stdin (infra/bundle.py, version 1)::
 
     {"version": 1,
      "files": [{"path": "/etc/...", "content": "...", "mode": 420, "owner": "root",
@@ -15,9 +15,8 @@ Invocation: ``apply.py [--root DIR]`` with one JSON bundle on stdin (infra/bundl
 The script
 
 1. refuses a malformed bundle (exit 2) before touching anything;
-2. installs missing ``packages`` and purges installed ``absent_packages`` (apt runs only when
-   there is something to do; ``MAILROOM_APT_GET`` and ``MAILROOM_DPKG_QUERY`` replace the
-   executables, for tests);
+2. installs missing ``packages`` (apt runs only when there is something to do;
+   ``MAILROOM_APT_GET`` and ``MAILROOM_DPKG_QUERY`` replace the executables, for tests);
 3. writes only the files whose content, mode, owner or group differ, atomically, secret ones
    never readable by others while written, and removes the files a previous apply installed
    (recorded in ``/var/lib/mailroom/applied.json``) that left the bundle, and no others;
@@ -26,15 +25,19 @@ The script
    apply back as it was, runs the prepare commands again on the restored files, reloads nothing,
    names the service, the command and its output on stderr, and exits 1: a bad bundle leaves the
    running server as it was;
-5. otherwise reloads each changed service once, in bundle order, records what it installed, and
-   prints one JSON line: ``{"changed": [paths], "reloaded": [services], "installed": [packages],
+5. otherwise reloads each changed service once, in bundle order, records what it installed, then
+   purges the installed ``absent_packages`` (only now: the daemon being replaced keeps running
+   until its successor's files passed their checks and were loaded), and prints one JSON line:
+   ``{"changed": [paths], "reloaded": [services], "installed": [packages],
    "removed_packages": [packages]}``. A reload that fails is reported (exit 1) and retried by the
-   next apply, even with the same bundle.
+   next apply, even with the same bundle; the purge waits for that apply too.
 
 It never prints file contents. The same bundle applied twice changes, runs and restarts nothing.
 ``--root DIR`` applies files and state under DIR (tests); every command sees DIR as
-``$MAILROOM_ROOT``. Owners and groups are resolved on this host after the packages (which create
-the daemons' users) are installed.
+``$MAILROOM_ROOT``. Owners and groups are resolved after the packages (which create the daemons'
+users) are installed, in DIR/etc/passwd and DIR/etc/group when DIR has them, else on this host.
+``--dry-run`` touches nothing, runs nothing but dpkg-query, and prints the same JSON line with
+``"dry_run": true``: what would change, be reloaded, installed and purged.
 """
 
 from __future__ import annotations
@@ -262,45 +265,85 @@ def is_installed(name: str, env: dict[str, str]) -> bool:
     return status == 0 and any(line.endswith(" installed") for line in output.splitlines())
 
 
-def converge_packages(plan: Plan, env: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Install what is missing, purge what must be absent; apt runs only when there is work."""
+def package_work(plan: Plan, env: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(wanted packages not installed, unwanted packages installed), in bundle order."""
     missing = [p for p in plan.packages if not is_installed(p, env)]
     present = [p for p in plan.absent_packages if is_installed(p, env)]
+    return missing, present
+
+
+def apt_get(verb: list[str], env: dict[str, str]) -> tuple[int | None, str]:
     apt = os.environ.get("MAILROOM_APT_GET", "apt-get")
     # noninteractive: no debconf prompts; needrestart only lists (Ubuntu would restart daemons
     # this apply did not touch); the dpkg lock is waited for, as unattended-upgrades may hold it.
     apt_env = {**env, "DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "l"}
-    lock = ["-o", "DPkg::Lock::Timeout=600"]
-    if missing:
-        install = [apt, *lock, "install", "-y", "--no-install-recommends", *missing]
-        status, output = run(install, apt_env)
-        if status != 0:
-            # Package lists go stale on a long-lived server (a mode switch months later): refresh once.
-            run([apt, *lock, "update"], apt_env)
-            status, output = run(install, apt_env)
-        if status != 0:
-            raise ApplyError(failure(f"installing {' '.join(missing)}", status, output))
-    if present:
-        status, output = run([apt, *lock, "purge", "-y", *present], apt_env)
-        if status != 0:
-            raise ApplyError(failure(f"purging {' '.join(present)}", status, output))
-    return missing, present
+    return run([apt, "-o", "DPkg::Lock::Timeout=600", *verb], apt_env)
 
 
-def owners(plan: Plan) -> dict[str, tuple[int, int]]:
-    """Each file's uid and gid on this host (after the packages created the daemons' users)."""
-    found: dict[str, tuple[int, int]] = {}
+def install_packages(missing: list[str], env: dict[str, str]) -> None:
+    if not missing:
+        return
+    install = ["install", "-y", "--no-install-recommends", *missing]
+    status, output = apt_get(install, env)
+    if status != 0:
+        # Package lists go stale on a long-lived server (a mode switch months later): refresh once.
+        apt_get(["update"], env)
+        status, output = apt_get(install, env)
+    if status != 0:
+        raise ApplyError(failure(f"installing {' '.join(missing)}", status, output))
+
+
+def purge_packages(present: list[str], env: dict[str, str]) -> str | None:
+    """Purge the unwanted packages; the error, if apt failed."""
+    if not present:
+        return None
+    status, output = apt_get(["purge", "-y", *present], env)
+    return None if status == 0 else failure(f"purging {' '.join(present)}", status, output)
+
+
+def account_ids(root: Path, database: str) -> dict[str, int] | None:
+    """Name -> id from root/etc/passwd or root/etc/group; None for this host's own (NSS) lookup."""
+    table = root / "etc" / database
+    if root == Path("/") or not table.is_file():
+        return None
+    ids: dict[str, int] = {}
+    for line in table.read_text(errors="replace").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[2].isdigit():
+            ids.setdefault(fields[0], int(fields[2]))
+    return ids
+
+
+def owners(plan: Plan, root: Path) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """(uid and gid of each file, what is missing for the others), looked up after the packages
+    created the daemons' users."""
+    users, groups = account_ids(root, "passwd"), account_ids(root, "group")
+
+    def uid(name: str) -> int | None:
+        if users is not None:
+            return users.get(name)
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name).pw_uid
+        return None
+
+    def gid(name: str) -> int | None:
+        if groups is not None:
+            return groups.get(name)
+        with contextlib.suppress(KeyError):
+            return grp.getgrnam(name).gr_gid
+        return None
+
+    ids: dict[str, tuple[int, int]] = {}
+    unknown: dict[str, str] = {}
     for f in plan.files:
-        try:
-            uid = pwd.getpwnam(f.owner).pw_uid
-        except KeyError:
-            raise BundleError(f"file {f.path}: no user {f.owner!r} on this server") from None
-        try:
-            gid = grp.getgrnam(f.group).gr_gid
-        except KeyError:
-            raise BundleError(f"file {f.path}: no group {f.group!r} on this server") from None
-        found[f.path] = (uid, gid)
-    return found
+        u, g = uid(f.owner), gid(f.group)
+        if u is None:
+            unknown[f.path] = f"no user {f.owner!r}"
+        elif g is None:
+            unknown[f.path] = f"no group {f.group!r}"
+        else:
+            ids[f.path] = (u, g)
+    return ids, unknown
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -431,23 +474,28 @@ def locked(root: Path) -> Iterator[None]:
 # --- the apply --------------------------------------------------------------------------------
 
 
-def install_files(
-    plan: Plan, root: Path, ids: dict[str, tuple[int, int]], previously: list[str]
-) -> tuple[dict[str, OnDisk], list[Path]]:
-    """Write what differs and remove what left the bundle; (what each changed path held, new dirs).
-    Any error on the way puts everything back before it is raised."""
+def survey(plan: Plan, root: Path, ids: dict[str, tuple[int, int]], previously: list[str]) -> dict[str, OnDisk]:
+    """What each path this apply must change holds now: the bundle's files that differ (or whose
+    owner is not known yet) and the files a previous apply installed that left the bundle."""
     wanted = {f.path for f in plan.files}
     before: dict[str, OnDisk] = {}
     # Look before touching: a path that is a directory stops the apply with nothing written.
     for f in plan.files:
         current = on_disk(root / f.path.lstrip("/"))
-        if current != OnDisk("file", f.content, f.mode, *ids[f.path]):
+        if f.path not in ids or current != OnDisk("file", f.content, f.mode, *ids[f.path]):
             before[f.path] = current
     for path in previously:
         if path not in wanted:
             current = on_disk(root / path.lstrip("/"))
             if current.kind != "missing":
                 before[path] = current
+    return before
+
+
+def install_files(plan: Plan, root: Path, ids: dict[str, tuple[int, int]], before: dict[str, OnDisk]) -> list[Path]:
+    """Write the changed files and remove those that left the bundle; the directories it made.
+    Any error on the way puts everything back before it is raised."""
+    wanted = {f.path for f in plan.files}
     created: list[Path] = []
     try:
         for f in plan.files:
@@ -461,21 +509,43 @@ def install_files(
     except BaseException:
         restore(root, before, created)
         raise
-    return before, created
+    return created
 
 
-def apply(plan: Plan, root: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """Converge; (the summary, reload failures). Raises ApplyError with the files put back."""
+def affected(plan: Plan, changed: list[str]) -> list[Daemon]:
+    return [d for d in plan.daemons if any(d.owns(p) for p in changed)]
+
+
+def preview(plan: Plan, root: Path) -> dict[str, Any]:
+    """What an apply would do, touching nothing. A file whose owner a missing package would
+    create counts as changed."""
     env = {**os.environ, "MAILROOM_ROOT": str(root)}
-    installed, purged = converge_packages(plan, env)
-    ids = owners(plan)
+    missing, present = package_work(plan, env)
+    ids, _ = owners(plan, root)
     previously, pending = read_state(root)
+    changed = sorted(survey(plan, root, ids, previously))
+    due = {d.name for d in affected(plan, changed)} | set(pending)
+    reloads = [d.name for d in plan.daemons if d.name in due and d.reload]
+    return {"dry_run": True, "changed": changed, "reloaded": reloads, "installed": missing, "removed_packages": present}
+
+
+def apply(plan: Plan, root: Path) -> tuple[dict[str, Any], list[str]]:
+    """Converge; (the summary, reload or purge failures). Raises ApplyError with the files put back."""
+    env = {**os.environ, "MAILROOM_ROOT": str(root)}
+    missing, present = package_work(plan, env)
+    install_packages(missing, env)
+    ids, unknown = owners(plan, root)
+    if unknown:
+        path, problem = next(iter(unknown.items()))
+        raise BundleError(f"file {path}: {problem} on this server")
+    previously, pending = read_state(root)
+    before = survey(plan, root, ids, previously)
     try:
-        before, created = install_files(plan, root, ids, previously)
+        created = install_files(plan, root, ids, before)
     except OSError as exc:
         raise ApplyError(f"writing {exc.filename}: {exc.strerror}; the previous files are back in place") from None
     changed = sorted(before)
-    touched = [d for d in plan.daemons if any(d.owns(p) for p in changed)]
+    touched = affected(plan, changed)
 
     prepared: list[Daemon] = []
     for daemon in touched:
@@ -506,9 +576,7 @@ def apply(plan: Plan, root: Path) -> tuple[dict[str, list[str]], list[str]]:
     failed: list[str] = []
     errors: list[str] = []
     for daemon in plan.daemons:
-        if daemon.name not in due:
-            continue
-        if not daemon.reload:
+        if daemon.name not in due or not daemon.reload:
             continue
         status, output = shell(daemon.reload, env)
         if status == 0:
@@ -519,13 +587,20 @@ def apply(plan: Plan, root: Path) -> tuple[dict[str, list[str]], list[str]]:
     write_state(root, sorted(f.path for f in plan.files), failed)
     if errors:
         errors.append("its checks had passed: the new files stay, and the next apply retries the reload.")
-    summary = {"changed": changed, "reloaded": reloaded, "installed": installed, "removed_packages": purged}
+        # The daemon being replaced may still be the one serving: its package stays until then.
+        present = []
+    purge_error = purge_packages(present, env)
+    if purge_error:
+        errors.append(purge_error)
+        present = []
+    summary = {"changed": changed, "reloaded": reloaded, "installed": missing, "removed_packages": present}
     return summary, errors
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Converge this server to a mailroom bundle read on stdin.")
     parser.add_argument("--root", type=Path, default=Path("/"), help="apply under this directory instead of /")
+    parser.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
     args = parser.parse_args(argv)
     root: Path = args.root.resolve()
     os.umask(0o022)
@@ -537,9 +612,13 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"mailroom apply: {root} is not a directory", file=sys.stderr)
         return 2
+    errors: list[str] = []
     try:
-        with locked(root):
-            summary, errors = apply(plan, root)
+        if args.dry_run:
+            summary = preview(plan, root)
+        else:
+            with locked(root):
+                summary, errors = apply(plan, root)
     except BundleError as exc:
         print(f"mailroom apply: refused: {exc}", file=sys.stderr)
         return 2

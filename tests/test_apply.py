@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,12 +61,12 @@ esac
 
 
 def apply(
-    bundle: Bundle | str, root: Path, fake_apt: dict[str, str], **extra_env: str
+    bundle: Bundle | str, root: Path, fake_apt: dict[str, str], extra_args: tuple[str, ...] = (), **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
     text = bundle if isinstance(bundle, str) else bundle.to_json()
     env = {"PATH": os.environ["PATH"], **{k: v for k, v in fake_apt.items() if k.startswith("MAILROOM_")}, **extra_env}
     return subprocess.run(
-        [sys.executable, str(APPLY), "--root", str(root)],
+        [sys.executable, str(APPLY), "--root", str(root), *extra_args],
         input=text,
         capture_output=True,
         text=True,
@@ -105,9 +106,9 @@ def two_services(main_cf: str = "size = 10\n", check: str = "true") -> Bundle:
     )
 
 
-def summary(result: subprocess.CompletedProcess[str]) -> dict[str, list[str]]:
+def summary(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
-    parsed: dict[str, list[str]] = json.loads(result.stdout)
+    parsed: dict[str, Any] = json.loads(result.stdout)
     return parsed
 
 
@@ -238,8 +239,13 @@ def test_a_file_mailroom_never_installed_is_never_removed(root: Path, fake_apt: 
 
 
 def test_secret_files_are_root_only_and_never_printed(root: Path, fake_apt: dict[str, str]) -> None:
-    result = apply(two_services(), root, fake_apt)
+    bundle = two_services()
+    # The first command to run after the write sees the secret already root-only.
+    seen = 'stat -c %a "$MAILROOM_ROOT/etc/dovecot/users" >> "$MAILROOM_ROOT/mode-seen"'
+    watched = Service("dovecot", ("/etc/dovecot/",), prepare=(seen,))
+    result = apply(Bundle(files=bundle.files, services=(bundle.services[0], watched)), root, fake_apt)
     summary(result)
+    assert (root / "mode-seen").read_text() == "600\n"
     assert (root / "etc/dovecot/users").stat().st_mode & 0o777 == 0o600
     assert "secret-hash-value" not in result.stdout + result.stderr
     failing = Bundle(files=two_services("x\n").files, services=(service("postfix", "/etc/postfix/", check="false"),))
@@ -288,6 +294,37 @@ def test_packages_missing_are_installed_present_skipped_and_unwanted_purged(
     assert len(calls(fake_apt)) == 2  # converged: apt did not run again
 
 
+def test_unwanted_packages_stay_until_the_new_files_pass_their_checks(root: Path, fake_apt: dict[str, str]) -> None:
+    switch = Bundle(
+        files=two_services("milter = rspamd\n").files,
+        services=(service("postfix", "/etc/postfix/", check="false"),),
+        packages=("rspamd",),
+        absent_packages=("spamassassin",),
+    )
+    refused = apply(switch, root, fake_apt)
+    assert refused.returncode == 1 and "service postfix" in refused.stderr
+    assert [c.split()[2] for c in calls(fake_apt)] == ["install"]  # rspamd in, spamassassin not purged
+    accepted = Bundle(
+        files=switch.files,
+        services=(service("postfix", "/etc/postfix/"),),
+        packages=switch.packages,
+        absent_packages=switch.absent_packages,
+    )
+    done = summary(apply(accepted, root, fake_apt))
+    assert done["reloaded"] == ["postfix"] and done["removed_packages"] == ["spamassassin"]
+    assert calls(fake_apt)[-1] == "-o DPkg::Lock::Timeout=600 purge -y spamassassin"
+
+
+def test_a_failed_reload_keeps_the_unwanted_packages_for_the_next_apply(root: Path, fake_apt: dict[str, str]) -> None:
+    failing = Service("postfix", ("/etc/postfix/",), reload='test -e "$MAILROOM_ROOT/up"')
+    bundle = Bundle(files=two_services().files[:1], services=(failing,), absent_packages=("spamassassin",))
+    result = apply(bundle, root, fake_apt)
+    assert result.returncode == 1 and json.loads(result.stdout)["removed_packages"] == []
+    assert calls(fake_apt) == []
+    (root / "up").touch()
+    assert summary(apply(bundle, root, fake_apt))["removed_packages"] == ["spamassassin"]
+
+
 def test_stale_package_lists_are_refreshed_once(root: Path, fake_apt: dict[str, str]) -> None:
     Path(fake_apt["behaviour"]).write_text("stale\n")
     done = summary(apply(Bundle(files=(), packages=("rspamd",)), root, fake_apt))
@@ -309,6 +346,43 @@ def test_an_unknown_owner_is_refused_before_any_file(root: Path, fake_apt: dict[
     result = apply(bundle, root, fake_apt)
     assert result.returncode == 2 and "no user 'no-such-user-here'" in result.stderr
     assert not (root / "etc").exists()
+
+
+def test_owners_are_looked_up_in_the_root_when_it_has_its_own_accounts(root: Path, fake_apt: dict[str, str]) -> None:
+    (root / "etc").mkdir()
+    (root / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\nvmail:x:5000:5000::/var/mail:/usr/sbin/nologin\n")
+    (root / "etc/group").write_text("root:x:0:\nvmail:x:5000:\nmail:x:8:\n")
+    users = BundleFile("/etc/dovecot/users", "alice:x\n", 0o640, owner="vmail", group="mail", secret=True)
+    summary(apply(Bundle(files=(users,)), root, fake_apt))
+    written = (root / "etc/dovecot/users").stat()
+    assert (written.st_uid, written.st_gid) == (5000, 8)
+    # This root's accounts are the truth: a user only the host has is unknown here.
+    result = apply(Bundle(files=(BundleFile("/etc/x", "x\n", owner="daemon"),)), root, fake_apt)
+    assert result.returncode == 2 and "no user 'daemon'" in result.stderr
+
+
+def test_a_dry_run_reports_what_would_change_and_changes_nothing(root: Path, fake_apt: dict[str, str]) -> None:
+    summary(apply(two_services(), root, fake_apt))
+    (root / "etc/dovecot/local.conf").write_text("the admin's own file\n")
+    changed = Bundle(
+        files=(two_services("size = 20\n").files[0], two_services().files[1]),
+        services=two_services().services,
+        packages=("postfix", "rspamd"),
+        absent_packages=("spamassassin",),
+    )
+    result = apply(changed, root, fake_apt, extra_args=("--dry-run",))
+    assert summary(result) == {
+        "dry_run": True,
+        "changed": ["/etc/dovecot/users", "/etc/postfix/main.cf"],
+        "reloaded": ["postfix", "dovecot"],
+        "installed": ["rspamd"],
+        "removed_packages": ["spamassassin"],
+    }
+    assert (root / "etc/postfix/main.cf").read_text() == "size = 10\n"
+    assert (root / "etc/dovecot/users").exists() and (root / "etc/dovecot/local.conf").exists()
+    assert events(root, "postfix") == ["prepare", "check", "reload"]  # nothing ran
+    assert calls(fake_apt) == []
+    assert "secret-hash-value" not in result.stdout + result.stderr
 
 
 def test_a_directory_where_a_file_belongs_stops_before_any_file(root: Path, fake_apt: dict[str, str]) -> None:
