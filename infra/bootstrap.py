@@ -1,7 +1,8 @@
 """The droplet's user-data: a #cloud-config rendered from cloud_init/user-data.yaml.j2.
 
-It runs once, at first boot, and holds no secret. Everything else reaches the server through
-the remote commands (infra.provisioning), so a change never needs a new droplet.
+It runs once, at first boot, and holds no secret (DigitalOcean shows user-data to anyone with
+API access). Everything else reaches the server through the remote commands
+(infra.provisioning), so a change never needs a new droplet.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from infra.settings import Settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "cloud_init"
 MAIL_DIR = "/var/mail/vhosts"
+# Written by the last step of the bootstrap; the deploy waits for it before sending the bundle.
+BOOTSTRAP_MARKER = "/var/lib/mailroom-bootstrapped"
+# Installed by the user-data, run by its runcmd; an administrator may run it again by hand.
+MOUNT_VOLUME_SCRIPT = "/usr/local/sbin/mailroom-mount-volume"
+VOLUME_LABEL = "mailroom"
+# DigitalOcean attaches a volume within seconds of the droplet's creation; the packages take
+# minutes before this runs, so five minutes more means the attachment itself failed.
+VOLUME_WAIT_SECONDS = 300
+# 1 GB: spamd or rspamd at peak plus Roundcube can briefly exceed a 1 GB droplet's memory.
 SWAP_BYTES = 1024 * 1024 * 1024
 
 
@@ -33,7 +43,22 @@ def template_environment(directory: Path = TEMPLATES) -> jinja2.Environment:
     )
 
 
+def render_mount_volume_script(settings: Settings, wait_seconds: int = VOLUME_WAIT_SECONDS) -> str:
+    """The shell script that formats (only if empty) and mounts the mail volume."""
+    return (
+        template_environment()
+        .get_template("mount-volume.sh.j2")
+        .render(
+            volume_device=volume_device(settings),
+            volume_label=VOLUME_LABEL,
+            volume_wait_seconds=wait_seconds,
+            mail_dir=MAIL_DIR,
+        )
+    )
+
+
 def render_user_data(settings: Settings) -> str:
+    """The #cloud-config the droplet boots with: settings only, never a secret."""
     return (
         template_environment()
         .get_template("user-data.yaml.j2")
@@ -43,8 +68,10 @@ def render_user_data(settings: Settings) -> str:
             admin_user=settings.admin_user,
             ssh_public_keys=settings.ssh_public_keys,
             swap_bytes=SWAP_BYTES,
-            volume_device=volume_device(settings),
             mail_dir=MAIL_DIR,
+            mount_volume_path=MOUNT_VOLUME_SCRIPT,
+            mount_volume_script=render_mount_volume_script(settings),
+            bootstrap_marker=BOOTSTRAP_MARKER,
             packages=packages(settings),
             image=settings.image.value,
         )
