@@ -43,6 +43,11 @@ def template_environment(directory: Path = TEMPLATES) -> jinja2.Environment:
     )
 
 
+def mount_unit(path: str = MAIL_DIR) -> str:
+    """systemd's name for the mount unit of PATH (what `systemd-escape -p --suffix=mount` gives)."""
+    return path.strip("/").replace("-", "\\x2d").replace("/", "-") + ".mount"
+
+
 def render_mount_volume_script(settings: Settings, wait_seconds: int = VOLUME_WAIT_SECONDS) -> str:
     """The shell script that formats (only if empty) and mounts the mail volume."""
     return (
@@ -53,6 +58,7 @@ def render_mount_volume_script(settings: Settings, wait_seconds: int = VOLUME_WA
             volume_label=VOLUME_LABEL,
             volume_wait_seconds=wait_seconds,
             mail_dir=MAIL_DIR,
+            mount_unit=mount_unit(),
         )
     )
 

@@ -1,9 +1,12 @@
-"""Shared fixtures: the program evaluated offline once per stack and settings, then reused."""
+"""Shared fixtures: the program evaluated offline once per stack and settings, then reused; and
+the deployed lab, one per spam filter mode for the whole session (tests/lab, tests/reliability)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from infra.offline import OfflineRun, run_program
 
 _RUNS: dict[str, OfflineRun] = {}
+SPAM_FILTERS = ("spamassassin", "rspamd")
 
 
 def offline_run(stack: str = "dev", **overrides: Any) -> OfflineRun:
@@ -24,3 +28,38 @@ def offline_run(stack: str = "dev", **overrides: Any) -> OfflineRun:
 @pytest.fixture
 def offline() -> Callable[..., OfflineRun]:
     return offline_run
+
+
+def lab_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab needs root: network namespaces, mounts, loop devices, systemd-nspawn"
+    for tool in ("systemd-nspawn", "debootstrap", "losetup", "swaks"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (requirements-lab-debian.txt; make setup)"
+    return None
+
+
+@pytest.fixture(scope="session", params=SPAM_FILTERS)
+def lab(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The dev stack deployed to a fresh lab host by the program's own remote commands, one per
+    spam filter mode; pytest runs every test of one mode before it boots the next.
+
+    MAILROOM_LAB_REUSE=1 runs the tests against a lab already up (`python -m infra lab up --set
+    spamFilter=...`) and leaves it up; tests for the other mode are skipped."""
+    reason = lab_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from infra.lab import control
+
+    mode = request.param
+    if os.environ.get("MAILROOM_LAB_REUSE") and (control.STATE_DIR / "lab.json").exists():
+        info = control.LabInfo.load()
+        if info.overrides.get("spamFilter", "spamassassin") != mode:
+            pytest.skip(f"MAILROOM_LAB_REUSE: the running lab is not in {mode} mode")
+        yield info
+        return
+    control.down()  # a lab left over from an interrupted run
+    try:
+        yield control.up("dev", {"spamFilter": mode})
+    finally:
+        control.down()

@@ -1,7 +1,7 @@
 """The droplet's user-data: valid cloud-config, the bootstrap the issue asks for, no secret.
 
 The volume script is run for real: on a loop device standing in for the DigitalOcean volume,
-inside a private mount namespace so that /etc/fstab, /dev/disk and the mail directory it
+inside a private mount namespace so that the mount unit it writes, /dev/disk and the mail directory it
 touches are scratch copies, never this machine's.
 """
 
@@ -23,6 +23,7 @@ from infra.bootstrap import (
     MOUNT_VOLUME_SCRIPT,
     SWAP_BYTES,
     VOLUME_LABEL,
+    mount_unit,
     render_mount_volume_script,
     render_user_data,
     volume_device,
@@ -182,11 +183,13 @@ def loop_volume(tmp_path: Path) -> Iterator[str]:
 
 
 def run_mount_script(script: str, loop: str | None, scratch: Path, after: str = "") -> subprocess.CompletedProcess[str]:
-    """Run the script in a private mount namespace where /etc/fstab and /var/mail are scratch, on
-    LOOP in place of the DigitalOcean device (this machine has no /dev/disk/by-id to link it in)."""
+    """Run the script in a private mount namespace where /var/mail is scratch, on LOOP in place of
+    the DigitalOcean device (this machine has no /dev/disk/by-id to link it in); the unit it
+    installs lands in SCRATCH/units instead of /etc/systemd/system."""
     settings = settings_for()
     script = script.replace(volume_device(settings), loop or str(scratch / "no-volume-attached"))
-    (scratch / "fstab").write_text("# scratch fstab\n")
+    script = script.replace("/etc/systemd/system/", f"{scratch}/units/")
+    (scratch / "units").mkdir(exist_ok=True)
     (scratch / "script").write_text(script)
     bin_dir = scratch / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -195,7 +198,6 @@ def run_mount_script(script: str, loop: str | None, scratch: Path, after: str = 
     (bin_dir / "systemctl").chmod(0o755)
     inner = f"""set -e
 mount --make-rprivate /
-mount --bind {scratch}/fstab /etc/fstab
 mount -t tmpfs scratch /var/mail
 PATH={bin_dir}:$PATH sh {scratch}/script
 {after}
@@ -213,9 +215,10 @@ def test_an_empty_volume_is_formatted_and_mounted_at_the_mail_dir(loop_volume: s
     assert result.stdout.split() == ["ext4"]
     label = subprocess.run(["blkid", "-p", "-o", "value", "-s", "LABEL", loop_volume], capture_output=True, text=True)
     assert label.stdout.strip() == VOLUME_LABEL
-    fstab = (tmp_path / "fstab").read_text().splitlines()
-    assert f"{loop_volume} {MAIL_DIR} ext4 defaults,nofail,noatime,discard 0 2" in fstab
-    assert "daemon-reload" in (tmp_path / "systemctl.log").read_text()
+    unit = (tmp_path / "units" / mount_unit()).read_text()
+    assert f"What={loop_volume}\nWhere={MAIL_DIR}\nType=ext4\n" in unit
+    assert "WantedBy=multi-user.target" in unit and "local-fs.target" not in unit
+    assert (tmp_path / "systemctl.log").read_text().splitlines() == ["daemon-reload", f"enable {mount_unit()}"]
 
 
 @pytest.mark.skipif(not can_mount, reason="needs root, unshare, losetup, mkfs.ext4 and blkid")
@@ -230,8 +233,8 @@ def test_a_volume_with_mail_is_never_reformatted(loop_volume: str, tmp_path: Pat
     assert again.stdout.strip() == "kept"
     label = subprocess.run(["blkid", "-p", "-o", "value", "-s", "LABEL", loop_volume], capture_output=True, text=True)
     assert label.stdout.strip() == "old-mail"
-    fstab = [line for line in (tmp_path / "fstab").read_text().splitlines() if MAIL_DIR in line]
-    assert len(fstab) == 1, "running it again adds no second fstab line"
+    calls = (tmp_path / "systemctl.log").read_text().splitlines()
+    assert calls == ["daemon-reload", f"enable {mount_unit()}"], "running it again changes no unit"
 
 
 @pytest.mark.skipif(not can_mount, reason="needs root and unshare")
@@ -240,7 +243,7 @@ def test_a_missing_volume_fails_the_bootstrap_with_a_reason(tmp_path: Path) -> N
     result = run_mount_script(script, None, tmp_path)
     assert result.returncode == 1
     assert f"no mail volume at {tmp_path}/no-volume-attached after 2 s" in result.stderr
-    assert MAIL_DIR not in (tmp_path / "fstab").read_text()
+    assert not (tmp_path / "units" / mount_unit()).exists()
 
 
 @pytest.mark.daemons

@@ -31,18 +31,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from infra.bootstrap import volume_device
 from infra.lab.image import build_image
 from infra.lab.netns import call_in
 from infra.offline import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, remote_steps, run_program
 from infra.records import zone_file
 from infra.relay import smtp_endpoint
 
-STATE_DIR = Path(os.environ.get("MAILROOM_LAB_STATE", "/var/lib/mailroom-lab/run"))
-HOST_NS, WORLD_NS = "mrlab-host", "mrlab-world"
+# One lab per name: MAILROOM_LAB_NAME gives a second lab its own namespaces, state and cgroup,
+# so two can run side by side (the addresses repeat, but each pair of namespaces is its own net).
+NAME = os.environ.get("MAILROOM_LAB_NAME", "mrlab")
+STATE_DIR = Path(os.environ.get("MAILROOM_LAB_STATE", f"/var/lib/mailroom-lab/{'run' if NAME == 'mrlab' else NAME}"))
+HOST_NS, WORLD_NS = f"{NAME}-host", f"{NAME}-world"
+HOST_LINK, WORLD_LINK = f"{NAME}-h", f"{NAME}-w"
 WORLD_IPV4, WORLD_IPV6 = "203.0.113.1", "2001:db8:10::1"
 DNS_IP, SES_IP, REMOTE_IP = "203.0.113.53", "203.0.113.20", "203.0.113.30"
 REMOTE_DOMAIN = "example.com"  # the outside correspondent's domain, served by the lab DNS
-MACHINE = "mailroom-lab"
+MACHINE = "mailroom-lab" if NAME == "mrlab" else f"mailroom-lab-{NAME}"
 LAB_PASSWORD_USERS = 2
 
 
@@ -100,18 +105,18 @@ def create_network() -> None:
     for ns in (HOST_NS, WORLD_NS):
         sh("ip", "netns", "add", ns)
         sh("ip", "-n", ns, "link", "set", "lo", "up")
-    sh("ip", "link", "add", "mrlab-h", "type", "veth", "peer", "name", "mrlab-w")
-    sh("ip", "link", "set", "mrlab-h", "netns", HOST_NS)
-    sh("ip", "link", "set", "mrlab-w", "netns", WORLD_NS)
-    sh("ip", "-n", HOST_NS, "link", "set", "mrlab-h", "name", "eth0")
+    sh("ip", "link", "add", HOST_LINK, "type", "veth", "peer", "name", WORLD_LINK)
+    sh("ip", "link", "set", HOST_LINK, "netns", HOST_NS)
+    sh("ip", "link", "set", WORLD_LINK, "netns", WORLD_NS)
+    sh("ip", "-n", HOST_NS, "link", "set", HOST_LINK, "name", "eth0")
     sh("ip", "-n", HOST_NS, "addr", "add", f"{DROPLET_IPV4}/24", "dev", "eth0")
     sh("ip", "-n", HOST_NS, "addr", "add", f"{DROPLET_IPV6}/64", "dev", "eth0", "nodad")
     sh("ip", "-n", HOST_NS, "link", "set", "eth0", "up")
     sh("ip", "-n", HOST_NS, "route", "add", "default", "via", WORLD_IPV4)
     for address in (WORLD_IPV4, DNS_IP, SES_IP, REMOTE_IP):
-        sh("ip", "-n", WORLD_NS, "addr", "add", f"{address}/24", "dev", "mrlab-w")
-    sh("ip", "-n", WORLD_NS, "addr", "add", f"{WORLD_IPV6}/64", "dev", "mrlab-w", "nodad")
-    sh("ip", "-n", WORLD_NS, "link", "set", "mrlab-w", "up")
+        sh("ip", "-n", WORLD_NS, "addr", "add", f"{address}/24", "dev", WORLD_LINK)
+    sh("ip", "-n", WORLD_NS, "addr", "add", f"{WORLD_IPV6}/64", "dev", WORLD_LINK, "nodad")
+    sh("ip", "-n", WORLD_NS, "link", "set", WORLD_LINK, "up")
 
 
 # --- the lab CA (the world's PKI, as far as the host is concerned) -------------------------
@@ -197,6 +202,9 @@ def lab_zone(run: OfflineRun) -> str:
     s = run.settings
     reverse = ".".join(reversed(DROPLET_IPV4.split("."))) + ".in-addr.arpa."
     outside = [
+        # The stand-in root: the host's unbound primes from it (a root with no NS is lame to it).
+        ". 3600 IN NS lab-root.",
+        f"lab-root. 3600 IN A {DNS_IP}",
         f"{smtp_endpoint(s.ses_region)}. 300 IN A {SES_IP}",
         f"{REMOTE_DOMAIN}. 300 IN A {REMOTE_IP}",
         f"{REMOTE_DOMAIN}. 300 IN MX 10 mx.{REMOTE_DOMAIN}.",
@@ -221,17 +229,41 @@ def _own_cgroup() -> None:
             (group / "cgroup.procs").write_text(str(os.getpid()))
 
 
-def boot_host(user_data: str, ca: Path) -> subprocess.Popen[bytes]:
+# Smaller than any stack's volume: the size changes nothing the lab proves, and a sparse file
+# keeps it cheap. The fault tests fill it up.
+VOLUME_BYTES = 512 * 1024**2
+# `reboot` inside the guest makes systemd-nspawn exit with 133: starting it again is the reboot.
+REBOOT_EXIT = 133
+
+
+def attach_volume() -> str:
+    """A loop device on a sparse file: the DigitalOcean volume, empty until cloud-init formats it.
+    It outlives the host (a replaced host gets the same one) and goes only with `down`."""
+    record = STATE_DIR / "volume.loop"
+    if record.exists():
+        return record.read_text().strip()
+    image = STATE_DIR / "volume.img"
+    with image.open("wb") as sparse:
+        sparse.truncate(VOLUME_BYTES)
+    device = sh("losetup", "--find", "--show", str(image)).stdout.strip()
+    record.write_text(device)
+    return device
+
+
+def prepare_root(user_data: str, ca: Path) -> Path:
+    """A fresh overlay over the cached image, seeded as DigitalOcean seeds a new droplet."""
     image = build_image()
     for part in ("upper", "work", "root"):
-        (STATE_DIR / part).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(STATE_DIR / part, ignore_errors=True)
+        (STATE_DIR / part).mkdir(parents=True)
     root = STATE_DIR / "root"
     sh("mount", "-t", "overlay", "overlay", "-o",
        f"lowerdir={image},upperdir={STATE_DIR / 'upper'},workdir={STATE_DIR / 'work'}", str(root))  # fmt: skip
     seed = root / "var/lib/cloud/seed/nocloud"
     seed.mkdir(parents=True, exist_ok=True)
     (seed / "user-data").write_text(user_data)
-    (seed / "meta-data").write_text(f"instance-id: {MACHINE}-{int(time.time())}\nlocal-hostname: {MACHINE}\n")
+    # A new instance id is a new droplet to cloud-init: it runs the whole user-data again.
+    (seed / "meta-data").write_text(f"instance-id: {MACHINE}-{time.time_ns()}\nlocal-hostname: {MACHINE}\n")
     (root / "etc/cloud/cloud.cfg.d/90-mailroom-lab.cfg").write_text(
         "# The lab stands in for DigitalOcean's metadata service and network configuration.\n"
         "datasource_list: [NoCloud, None]\nnetwork: {config: disabled}\n"
@@ -249,29 +281,69 @@ def boot_host(user_data: str, ca: Path) -> subprocess.Popen[bytes]:
     )
     shutil.copy(ca, root / "usr/local/share/ca-certificates/mailroom-lab-ca.crt")
     sh("chroot", str(root), "update-ca-certificates")
-    log = (STATE_DIR / "console.log").open("wb")
+    return root
+
+
+def boot_host(user_data: str, ca: Path, volume_path: str) -> subprocess.Popen[bytes]:
+    """Boot a new host from USER_DATA with the lab's volume at VOLUME_PATH (where DigitalOcean
+    puts an attached volume). A guest `reboot` boots the same root again, as a droplet would."""
+    root = prepare_root(user_data, ca)
+    device = attach_volume()
+    nspawn = [
+        "systemd-nspawn", "-D", str(root), "-b", "--register=no", "--keep-unit",
+        f"--network-namespace-path=/run/netns/{HOST_NS}", "--console=passive", "-M", MACHINE,
+        # The droplet's root manages its own firewall (fail2ban bans through nftables).
+        "--capability=CAP_NET_ADMIN",
+        "--resolv-conf=off", "--timezone=off", "--link-journal=no",
+        f"--bind={device}:{volume_path}",
+    ]  # fmt: skip
+    supervisor = f'while :; do "$@"; rc=$?; [ "$rc" -eq {REBOOT_EXIT} ] || exit "$rc"; done'
+    log = (STATE_DIR / "console.log").open("ab")
     process = subprocess.Popen(
-        [
-            "systemd-nspawn",
-            "-D",
-            str(root),
-            "-b",
-            "--register=no",
-            "--keep-unit",
-            f"--network-namespace-path=/run/netns/{HOST_NS}",
-            "--console=passive",
-            "-M",
-            MACHINE,
-            "--resolv-conf=off",
-            "--timezone=off",
-            "--link-journal=no",
-        ],
+        ["sh", "-c", supervisor, "nspawn", *nspawn],
         stdout=log,
         stderr=subprocess.STDOUT,
         preexec_fn=_own_cgroup,  # nspawn must start in its own cgroup
     )
     (STATE_DIR / "nspawn.pid").write_text(str(process.pid))
     return process
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent that is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def stop_host(timeout: float = 30) -> None:
+    """Shut the host down as DigitalOcean powers a droplet off: its systemd stops every daemon."""
+    pid_file = STATE_DIR / "nspawn.pid"
+    if not pid_file.exists():
+        return
+    supervisor = int(pid_file.read_text())
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children")
+    nspawn = [int(p) for p in children.read_text().split()] if children.exists() else []
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(supervisor, signal.SIGKILL)  # first, so that it does not boot the host again
+    for pid in nspawn:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # nspawn shuts the guest's systemd down cleanly
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(supervisor, os.WNOHANG)
+    pid_file.unlink()
+    root = STATE_DIR / "root"
+    if root.exists() and sh("findmnt", "-n", str(root), check=False).returncode == 0:
+        sh("umount", "-R", str(root), check=False)
+        if sh("findmnt", "-n", str(root), check=False).returncode == 0:
+            sh("umount", "-l", str(root), check=False)
 
 
 def wait_for_ssh(timeout: float = 120) -> None:
@@ -360,7 +432,9 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
         key_file.write_text(run.named("deploy-key").state["privateKeyOpenssh"])
         key_file.chmod(0o600)
         user_data = run.one("digitalocean:index/droplet:Droplet").inputs["userData"]
-        boot_host(user_data, ca_paths[0])
+        (STATE_DIR / "user-data").write_text(user_data)
+        (STATE_DIR / "volume-path").write_text(volume_device(run.settings))
+        boot_host(user_data, ca_paths[0], volume_device(run.settings))
         steps = [{"name": s.name, "create": s.create, "stdin": s.stdin} for s in remote_steps(run)]
         info = LabInfo(stack, {**overrides, "passwordHashes": lab_hashes(run)}, DROPLET_IPV4, run.settings.admin_user,
                        str(key_file), passwords, ses_user, str(STATE_DIR / "ses"), DNS_IP, zone, [])  # fmt: skip
@@ -404,6 +478,39 @@ def redeploy(changes: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     return run_steps(info, steps)
 
 
+def reboot_host(info: LabInfo | None = None, timeout: float = 120) -> None:
+    """`reboot` on the host, as an administrator would type it; back once SSH answers again."""
+    info = info or LabInfo.load()
+    guest("sudo systemctl reboot", info)
+    deadline = time.monotonic() + timeout
+    while guest("true", info).returncode == 0:  # still going down
+        if time.monotonic() > deadline:
+            raise LabError(f"the lab host did not go down within {timeout:.0f} s of `systemctl reboot`")
+        time.sleep(0.5)
+    wait_for_ssh(timeout)
+    wait_for_boot(info, timeout)
+
+
+def wait_for_boot(info: LabInfo, timeout: float = 120) -> None:
+    """Until systemd says the boot finished (running, or degraded with a unit failed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = guest("systemctl is-system-running", info).stdout.strip()
+        if state in ("running", "degraded"):
+            return
+        time.sleep(0.5)
+    raise LabError(f"the lab host did not finish booting within {timeout:.0f} s")
+
+
+def replace_host() -> list[dict[str, Any]]:
+    """What replacing the droplet does: a new machine from the same user-data, attached to the
+    same volume, then the program's remote commands (all of them: the server id changed)."""
+    stop_host()
+    boot_host((STATE_DIR / "user-data").read_text(), STATE_DIR / "ca.crt", (STATE_DIR / "volume-path").read_text())
+    wait_for_ssh()
+    return redeploy()
+
+
 def guest(command: str, info: LabInfo | None = None) -> subprocess.CompletedProcess[str]:
     """A command on the lab host as its administrator (through sudo where it needs root)."""
     info = info or LabInfo.load()
@@ -412,18 +519,7 @@ def guest(command: str, info: LabInfo | None = None) -> subprocess.CompletedProc
 
 def down() -> None:
     """Remove every process, mount, namespace and link the lab made; safe to call twice."""
-    pid_file = STATE_DIR / "nspawn.pid"
-    if pid_file.exists():
-        pid = int(pid_file.read_text())
-        try:
-            os.kill(pid, signal.SIGTERM)  # nspawn shuts the guest's systemd down cleanly
-            for _ in range(60):
-                os.kill(pid, 0)
-                time.sleep(0.5)
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        pid_file.unlink()
+    stop_host()
     world = STATE_DIR / "world.json"
     if world.exists():
         for pid in json.loads(world.read_text()).values():
@@ -434,15 +530,14 @@ def down() -> None:
     for ns in (HOST_NS, WORLD_NS):
         leftover = sh("ip", "netns", "pids", ns, check=False).stdout.split()
         for leftover_pid in leftover:
-            subprocess.run(["kill", "-KILL", leftover_pid], check=False)
-    root = STATE_DIR / "root"
-    if root.exists() and sh("findmnt", "-n", str(root), check=False).returncode == 0:
-        sh("umount", "-R", str(root), check=False)
-        if sh("findmnt", "-n", str(root), check=False).returncode == 0:
-            sh("umount", "-l", str(root), check=False)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(leftover_pid), signal.SIGKILL)
+    loop = STATE_DIR / "volume.loop"
+    if loop.exists():
+        sh("losetup", "-d", loop.read_text().strip(), check=False)
     for ns in (HOST_NS, WORLD_NS):
         sh("ip", "netns", "delete", ns, check=False)
-    sh("ip", "link", "delete", "mrlab-h", check=False)
+    sh("ip", "link", "delete", HOST_LINK, check=False)
     if STATE_DIR.exists():
         shutil.rmtree(STATE_DIR, ignore_errors=True)
     for hierarchy in ("systemd", "unified"):

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import smtplib
-from collections.abc import Iterator
 from pathlib import Path
 
 import dkim
@@ -39,15 +38,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="systemd-nspawn is not installed (make setup)"),
 ]
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-
-
-@pytest.fixture(scope="module", params=["spamassassin", "rspamd"])
-def lab(request: pytest.FixtureRequest) -> Iterator[control.LabInfo]:
-    control.down()  # a lab left over from an interrupted run
-    try:
-        yield control.up("dev", {"spamFilter": request.param})
-    finally:
-        control.down()
 
 
 def alice(lab: control.LabInfo) -> tuple[str, str]:
