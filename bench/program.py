@@ -226,19 +226,25 @@ def _rounded(value: Any) -> Any:
         return round(value, 6)
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
     return value
 
 
-def record(out_dir: Path, figures: dict[str, Any], now: dt.datetime) -> Path:
-    """Write this run's file and merge its figures into latest.json (other keys kept)."""
+def record(out_dir: Path, figures: dict[str, Any], now: dt.datetime, name: str = "program") -> Path:
+    """Write this run's file and merge its figures into latest.json (other keys kept).
+
+    For the program benchmark FIGURES is its figures, kept under "program"; for another
+    benchmark NAME it maps latest.json's keys (e.g. "rspamd", "floor") to their figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
     about = machine(now)
-    dated = out_dir / f"{now.strftime('%Y%m%dT%H%M%SZ')}-program.json"
-    dated.write_text(json.dumps({"machine": about, "program": figures}, indent=2) + "\n")
+    entries = {"program": figures} if name == "program" else figures
+    dated = out_dir / f"{now.strftime('%Y%m%dT%H%M%SZ')}-{name}.json"
+    dated.write_text(json.dumps({"machine": about, **_rounded(entries)}, indent=2) + "\n")
     latest_path = out_dir / "latest.json"
     latest: dict[str, Any] = json.loads(latest_path.read_text()) if latest_path.exists() else {}
     latest["machine"] = about
-    latest["program"] = figures
+    latest.update(_rounded(entries))
     latest_path.write_text(json.dumps(latest, indent=2) + "\n")
     return dated
 
