@@ -61,3 +61,16 @@ def test_latest_keeps_other_benchmarks(tmp_path: Path) -> None:
     assert latest["rspamd"] == {"pss_mib": 1.0}
     assert latest["program"] == {"new": True}
     assert (tmp_path / "20260102T030405Z-program.json").exists()
+
+
+def test_a_mail_stack_run_sets_its_keys_and_keeps_the_programs(tmp_path: Path) -> None:
+    from bench.program import record
+
+    (tmp_path / "latest.json").write_text(json.dumps({"program": {"kept": True}, "rspamd": {"pss_mib": 1.0}}))
+    figures = {"rspamd": {"pss_mib": 190.123456789, "throughput": [{"lost": 0, "rate": 1.23456789}]}, "floor": {}}
+    record(tmp_path, figures, dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC), name="mailstack")
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert latest["program"] == {"kept": True}
+    assert latest["rspamd"] == {"pss_mib": 190.123457, "throughput": [{"lost": 0, "rate": 1.234568}]}
+    dated = json.loads((tmp_path / "20260102T030405Z-mailstack.json").read_text())
+    assert dated.keys() == {"machine", "rspamd", "floor"}

@@ -247,29 +247,30 @@ def test_a_full_mail_volume_defers_delivery_and_resumes_when_space_is_freed(lab:
 # --- 6, 7: the host goes down ---------------------------------------------------------------------
 
 
-def test_mail_accepted_before_the_daemons_are_killed_is_delivered_exactly_once(lab: LabInfo) -> None:
+def queued_mid_delivery(lab: LabInfo, tag: str, count: int) -> list[Outcome]:
+    """COUNT accepted messages waiting in Postfix's queue: Dovecot is stopped, so their delivery
+    is what is under way when the host goes down."""
     user, _ = alice(lab)
-    # Dovecot stopped: accepted mail waits in Postfix's queue, mid-delivery, when everything dies.
     root(lab, "systemctl stop dovecot")
-    batch = inbound("killed", user, 6)
+    batch = inbound(tag, user, count)
     for outcome, msg in batch:
         send(outcome, msg)
     assert all(o.accepted for o, _ in batch)
-    wait_for(lambda: len(queue(lab)) >= 6, 30, "six messages in the queue")
+    wait_for(lambda: len(queue(lab)) >= count, 30, f"{count} messages in the queue")
+    return [o for o, _ in batch]
+
+
+def test_mail_accepted_before_the_daemons_are_killed_is_delivered_exactly_once(lab: LabInfo) -> None:
+    queued = queued_mid_delivery(lab, "killed", 6)
     root(lab, "systemctl kill --signal=SIGKILL postfix@-.service dovecot.service; sleep 1")
     root(lab, "systemctl restart postfix@-.service dovecot.service")
     flush_queue(lab)
-    assert_each_stored_once(lab, [o for o, _ in batch])
+    assert_each_stored_once(lab, queued)
 
 
 def test_mail_accepted_before_a_reboot_is_delivered_exactly_once_after_it(lab: LabInfo) -> None:
     user, _ = alice(lab)
-    root(lab, "systemctl stop dovecot")
-    queued = inbound("before reboot", user, 4)
-    for outcome, msg in queued:
-        send(outcome, msg)
-    assert all(o.accepted for o, _ in queued)
-    wait_for(lambda: len(queue(lab)) >= 4, 30, "four messages in the queue")
+    queued = queued_mid_delivery(lab, "before reboot", 4)
     control.reboot_host(lab)
     assert control.guest("findmnt -n -o FSTYPE /var/mail/vhosts", lab).stdout.strip() == "ext4"
     assert control.guest("systemctl is-active postfix dovecot", lab).stdout.split() == ["active", "active"]
@@ -277,7 +278,7 @@ def test_mail_accepted_before_a_reboot_is_delivered_exactly_once_after_it(lab: L
     after = inbound("after reboot", user, 2)
     for outcome, msg in after:
         send(outcome, msg, attempts=20)
-    assert_each_stored_once(lab, [o for o, _ in queued + after])
+    assert_each_stored_once(lab, queued + [o for o, _ in after])
 
 
 def test_a_replaced_host_on_the_same_volume_keeps_every_mailbox_message_and_the_dkim_key(lab: LabInfo) -> None:

@@ -1,0 +1,132 @@
+"""Case 11: what a TLS scanner sees. testssl, run from the outside world against the lab host on
+25, 465, 587, 993 and 443, finds no protocol below TLS 1.2 on submission, IMAP and HTTPS (port
+25 keeps older TLS for opportunistic STARTTLS with other servers, but never SSL), no NULL,
+anonymous, export or RC4 cipher anywhere, and the certificate for the mail host's name.
+
+testssl checks protocols (-p), cipher categories (-s), RC4 (-4) and the certificate (-S), not
+each cipher one by one; the five scans run side by side. testssl exits non-zero offline, so its
+JSON findings are read instead, and kept in .lab-artifacts/testssl/ for a reader to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.lab import control
+from infra.lab.control import WORLD_NS, LabInfo
+from infra.offline import DROPLET_IPV4
+
+pytestmark = [pytest.mark.lab, pytest.mark.reliability]
+
+HOST_NAME = "mail.example.net"  # hostName in Pulumi.dev.yaml
+HTTPS_NAME = "mta-sts.example.net"  # what HTTPS clients ask for (MTA-STS policy fetchers)
+STARTTLS = {25: "smtp", 587: "smtp"}
+PORTS = (25, 465, 587, 993, 443)
+MODERN_ONLY = (465, 587, 993, 443)  # submission, IMAP, HTTPS: TLS 1.2 or newer, nothing else
+ARTIFACTS = Path(__file__).resolve().parents[2] / ".lab-artifacts" / "testssl"
+SCAN_TIMEOUT = 240
+
+
+def scan_argv(port: int, jsonfile: Path) -> list[str]:
+    name = HTTPS_NAME if port == 443 else HOST_NAME
+    starttls = ["-t", STARTTLS[port]] if port in STARTTLS else []
+    return [
+        "ip", "netns", "exec", WORLD_NS, "testssl", "--quiet", "--color", "0", "--warnings", "off",
+        # The world namespace has no resolver for testssl: the address is given, no lookups made.
+        "--nodns", "min", "--ip", DROPLET_IPV4, "--connect-timeout", "10", "--openssl-timeout", "10",
+        "-p", "-s", "-4", "-S", *starttls, "--jsonfile", str(jsonfile), f"{name}:{port}",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scans(lab: LabInfo) -> dict[int, dict[str, dict[str, Any]]]:
+    """testssl's findings per port, by id."""
+    if lab.overrides.get("spamFilter", "spamassassin") != "spamassassin":
+        pytest.skip(
+            "the TLS settings (Postfix, Dovecot, nginx) do not depend on the spam filter: scanned once, in spamassassin mode"
+        )
+    if shutil.which("testssl") is None:
+        pytest.skip("testssl is not installed (Debian package testssl.sh, requirements-lab-debian.txt)")
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    files = {port: ARTIFACTS / f"{port}.json" for port in PORTS}
+    running = []
+    for port, path in files.items():
+        with (ARTIFACTS / f"{port}.txt").open("w") as log:
+            running.append(subprocess.Popen(scan_argv(port, path), stdout=log, stderr=subprocess.STDOUT))
+    for process in running:
+        try:
+            process.wait(timeout=SCAN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    findings = {}
+    for port, path in files.items():
+        assert path.exists(), f"testssl wrote no findings for port {port}; see {ARTIFACTS / f'{port}.txt'}"
+        found = {f["id"]: f for f in json.loads(path.read_text())}
+        problems = [f["finding"] for f in found.values() if f["id"] == "scanProblem"]
+        assert not problems and "scanTime" in found, f"the scan of port {port} did not finish: {problems}"
+        findings[port] = found
+    return findings
+
+
+def finding(scans: dict[int, dict[str, dict[str, Any]]], port: int, check: str) -> str:
+    assert check in scans[port], f"testssl reported no {check} for port {port}"
+    return str(scans[port][check]["finding"])
+
+
+@pytest.mark.parametrize("port", MODERN_ONLY)
+def test_submission_imap_and_https_speak_tls_1_2_or_newer_only(scans: dict[int, Any], port: int) -> None:
+    old = {p: finding(scans, port, p) for p in ("SSLv2", "SSLv3", "TLS1", "TLS1_1")}
+    assert all(f.startswith("not offered") for f in old.values()), f"port {port} offers an old protocol: {old}"
+    new = {p: finding(scans, port, p) for p in ("TLS1_2", "TLS1_3")}
+    assert any(f.startswith("offered") for f in new.values()), f"port {port} offers neither TLS 1.2 nor 1.3: {new}"
+
+
+def test_inbound_smtp_never_speaks_ssl(scans: dict[int, Any]) -> None:
+    """Port 25 keeps TLS 1.0 and 1.1: other servers' STARTTLS is opportunistic, and refusing an
+    old one would make it send in clear text (RFC 7435). SSL is refused there too."""
+    old = {p: finding(scans, 25, p) for p in ("SSLv2", "SSLv3")}
+    assert all(f.startswith("not offered") for f in old.values()), f"port 25 offers SSL: {old}"
+    assert finding(scans, 25, "TLS1_2").startswith("offered")
+
+
+@pytest.mark.parametrize("port", PORTS)
+def test_no_null_anonymous_export_or_rc4_cipher(scans: dict[int, Any], port: int) -> None:
+    categories = ("cipherlist_NULL", "cipherlist_aNULL", "cipherlist_EXPORT", "cipherlist_LOW")
+    weak = {c: finding(scans, port, c) for c in categories}  # LOW: 64-bit, DES, RC2 and RC4 ciphers
+    assert all(f.startswith("not offered") for f in weak.values()), f"port {port} offers weak ciphers: {weak}"
+    assert scans[port]["RC4"]["severity"] == "OK", f"port {port}: RC4 {finding(scans, port, 'RC4')}"
+
+
+def test_every_port_serves_one_certificate_for_the_host_name(scans: dict[int, Any]) -> None:
+    for port in PORTS:
+        assert finding(scans, port, "cert_commonName") == HOST_NAME
+        names = finding(scans, port, "cert_subjectAltName").split()
+        assert HOST_NAME in names and HTTPS_NAME in names, f"port {port}: the certificate names {names}"
+        trust = finding(scans, port, "cert_trust")
+        assert trust.startswith("Ok via SAN"), f"port {port}: the certificate does not match its name: {trust}"
+        assert scans[port]["cert_expirationStatus"]["severity"] == "OK", finding(scans, port, "cert_expirationStatus")
+        assert scans[port]["cert_keySize"]["finding"] in ("RSA 2048 bits", "RSA 3072 bits", "RSA 4096 bits")
+    prints = {port: finding(scans, port, "cert_fingerprintSHA256") for port in PORTS}
+    assert len(set(prints.values())) == 1, f"the ports serve different certificates: {prints}"
+
+
+def test_the_certificate_chain_is_trusted(scans: dict[int, Any], lab: LabInfo) -> None:
+    chains = {port: finding(scans, port, "cert_chain_of_trust") for port in PORTS}
+    if all(c.startswith("passed") for c in chains.values()):
+        return
+    issued = control.guest("sudo test -d /etc/letsencrypt/live/mailroom", lab).returncode == 0
+    self_signed = {port: finding(scans, port, "cert_caIssuers") == HOST_NAME for port in PORTS}
+    if not issued and all(self_signed.values()) and all("self signed" in c for c in chains.values()):
+        pytest.skip(
+            "the lab cannot reach Let's Encrypt (no internet, no Cloudflare for DNS-01): server-issue-certificate "
+            "reports 'no Let's Encrypt certificate yet', so the host serves the self-signed certificate "
+            f"mailroom-certificate makes first (issuer {HOST_NAME}); testssl: 'failed (self signed)' on every port"
+        )
+    raise AssertionError(f"the certificate chain is not trusted: {chains}")
