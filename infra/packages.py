@@ -26,8 +26,17 @@ BASE = (
     "python3",
 )
 SPAM: dict[SpamFilter, tuple[str, ...]] = {
-    SpamFilter.SPAMASSASSIN: ("opendkim", "opendkim-tools", "spamassassin", "spamd", "spamass-milter"),
-    SpamFilter.RSPAMD: ("rspamd", "redis-server"),
+    # SpamAssassin's SPF and DMARC plugins (loaded by default) stay silent without these modules.
+    SpamFilter.SPAMASSASSIN: (
+        "opendkim",
+        "opendkim-tools",
+        "spamassassin",
+        "spamd",
+        "spamass-milter",
+        "libmail-spf-perl",
+        "libmail-dmarc-perl",
+    ),
+    SpamFilter.RSPAMD: ("rspamd", "redis-server"),  # rspamd checks SPF, DKIM and DMARC itself
 }
 WEBMAIL = ("roundcube-core", "roundcube-sqlite3", "php-fpm")
 # Direct delivery enforces the receiving domains' MTA-STS policies through this daemon.

@@ -210,6 +210,7 @@ def lab_zone(run: OfflineRun) -> str:
         f"{REMOTE_DOMAIN}. 300 IN MX 10 mx.{REMOTE_DOMAIN}.",
         f"mx.{REMOTE_DOMAIN}. 300 IN A {REMOTE_IP}",
         f'{REMOTE_DOMAIN}. 300 IN TXT "v=spf1 ip4:{REMOTE_IP} -all"',
+        f'_dmarc.{REMOTE_DOMAIN}. 300 IN TXT "v=DMARC1; p=reject"',
         f'amazonses.com. 300 IN TXT "v=spf1 ip4:{SES_IP} -all"',
         f"{reverse} 300 IN PTR {s.host_name}.",
         f"{'.'.join(reversed(REMOTE_IP.split('.')))}.in-addr.arpa. 300 IN PTR mx.{REMOTE_DOMAIN}.",

@@ -491,6 +491,34 @@ def test_mail_from_our_own_domain_arriving_from_outside_is_refused_or_marked(
     assert SPF_DMARC_FAILURE.search(head), f"taken without an SPF/DMARC failure mark:\n{head.decode(errors='replace')}"
 
 
+def test_mail_forged_from_another_domain_is_marked_as_failing_spf_and_dmarc(lab: LabInfo) -> None:
+    """From an address example.com's SPF does not list (the world's gateway, not its MX), as
+    dana@example.com, whose domain publishes DMARC p=reject: delivered (marking, not refusing,
+    is what the spam filter does), and the user's copy shows the failures."""
+    message_id = new_id("forged")
+
+    def talk() -> list[Reply]:
+        # The gateway's first connection waits out postscreen's greet test (6 s), then passes.
+        smtp = Smtp(source=control.WORLD_IPV4)
+        with smtp:
+            assert smtp.reply().code == 220
+            smtp.command("EHLO mx.example.com")
+            smtp.starttls()
+            smtp.command("EHLO mx.example.com")
+            replies = [smtp.command("MAIL FROM:<dana@example.com>"), smtp.command("RCPT TO:<alice@example.net>")]
+            content = headers("forged", message_id) + b"\r\nYour account is locked, log in here.\r\n.\r\n"
+            return [*replies, smtp.data(content)]
+
+    assert [r.code for r in world(talk)] == [250, 250, 250]
+    (copy,) = copies(lab, "alice@example.net", message_id)
+    head = copy.split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+    spf = re.compile(rb"^(X-Spam-Status:.*\bSPF_FAIL\b|X-Spamd-Result:.*\bR_SPF_FAIL\b)", re.MULTILINE | re.DOTALL)
+    dmarc = re.compile(rb"^(X-Spam-Status:.*\bDMARC_REJECT\b|X-Spamd-Result:.*\bDMARC_POLICY_REJECT\b)",
+                       re.MULTILINE | re.DOTALL)  # fmt: skip
+    assert spf.search(head), f"no SPF failure mark:\n{head.decode(errors='replace')}"
+    assert dmarc.search(head), f"no DMARC failure mark:\n{head.decode(errors='replace')}"
+
+
 # --- case 10: malformed and hostile SMTP on port 25 --------------------------------------------------
 
 PREGREET_SOURCE = "203.0.113.41"  # an address postscreen has never seen pass: its first contact
