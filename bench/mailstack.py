@@ -3,8 +3,9 @@
 For each mode, one fresh lab (`infra.lab.control.up`: the program's own user-data and remote
 commands on a Debian 12 host) and, in this order:
 
-1. memory  PSS and RSS of every systemd unit of the host after the deploy, and again after the
-           inbound benchmarks below have put more than 1,000 messages through it.
+1. memory  PSS and RSS of every systemd unit of the host after the deploy; right after the
+           inbound benchmarks below have put more than 1,000 messages through it (peak); and
+           once the per-connection processes have gone idle and exited (steady state).
 2. latency inbound on port 25 (STARTTLS, one connection per message, as another domain's server
            sends), messages of realistic size (a few KB of text, tens of KB of HTML, a few
            hundred KB with an attachment), from the start of the SMTP session to the message
@@ -38,6 +39,7 @@ import email.utils
 import imaplib
 import json
 import random
+import re
 import smtplib
 import statistics
 import subprocess
@@ -238,6 +240,21 @@ def inbound_latency(info: LabInfo, count: int, seed: int = 7) -> dict[str, Any]:
     }
 
 
+def filter_profile(info: LabInfo, mode: str, last: int) -> dict[str, Any]:
+    """What the spam filter itself says each of the LAST inbound messages cost: rspamd logs its
+    scan time (ms) and DNS requests per message, spamd its scan time (in tenths of a second)."""
+    if mode == "rspamd":
+        log = control.guest("sudo grep rspamd_task_write_log /var/log/rspamd/rspamd.log "
+                            f"| grep -v 'settings_id: authenticated' | tail -n {last}", info).stdout  # fmt: skip
+        dns = [int(n) for n in re.findall(r"dns req: (\d+)", log)]
+        times = [float(t) for t in re.findall(r"time: ([0-9.]+)ms", log)]
+        return {"scan_ms": percentiles(times), "dns_requests_median": statistics.median(dns) if dns else None}
+    log = control.guest("sudo journalctl -u spamd -o cat --no-pager | grep -E 'clean message|identified spam' "
+                        f"| tail -n {last}", info).stdout  # fmt: skip
+    times = [float(t) * 1000 for t in re.findall(r" in ([0-9.]+) seconds", log)]
+    return {"scan_ms": percentiles(times), "resolution_ms": 100}
+
+
 # --- 3. inbound throughput ------------------------------------------------------------------------------
 
 
@@ -429,7 +446,16 @@ def without_milters(info: LabInfo, measure: Callable[[], dict[str, Any]]) -> dic
         control.guest("sudo cp -p /run/main.cf.bench /etc/postfix/main.cf && sudo postfix reload", info)
 
 
-def run_mode(mode: str, messages: int, sizes: dict[str, int], switch_to: str | None) -> dict[str, Any]:
+def settle(info: LabInfo, quick: bool) -> None:
+    """Steady state after the load: the per-connection processes (smtpd, cleanup, lmtp; Dovecot's
+    lmtp and imap) exit once idle for Postfix's max_idle (100 s) or Dovecot's idle_kill (60 s)."""
+    idle = int(control.guest("/usr/sbin/postconf -h max_idle", info).stdout.strip().rstrip("s") or 100)
+    time.sleep(1 if quick else idle + 10)
+
+
+def run_mode(
+    mode: str, messages: int, sizes: dict[str, int], switch_to: str | None, quick: bool = False
+) -> dict[str, Any]:
     control.down()
     info = control.up("dev", {"spamFilter": mode, "webmail": True})
     try:
@@ -437,7 +463,10 @@ def run_mode(mode: str, messages: int, sizes: dict[str, int], switch_to: str | N
         figures: dict[str, Any] = {"memory_after_start": memory(probe(info))}
         warm_up(info)
         figures["inbound_latency"] = inbound_latency(info, messages)
+        figures["filter_profile"] = filter_profile(info, mode, messages)
         figures["throughput"] = [throughput(info, s, sizes[f"c{s}"]) for s in CONCURRENCY]
+        figures["memory_at_peak"] = memory(probe(info))
+        settle(info, quick)
         figures["memory_after_load"] = memory(probe(info))
         figures["messages_before_memory_after_load"] = messages + 2 + sum(sizes.values())
         figures["submission"] = submission(info, max(10, messages // 4))
@@ -482,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         switch_to = "rspamd" if mode == "spamassassin" else None
         print(f"bench: {mode} ...", flush=True)
-        figures[mode] = run_mode(mode, messages, sizes, switch_to)
+        figures[mode] = run_mode(mode, messages, sizes, switch_to, args.quick)
     print("bench: the floor, plain Postfix to Maildir ...", flush=True)
     figures["floor"] = floor.measure(20 if args.quick else 2000)
     now = dt.datetime.now(dt.UTC)

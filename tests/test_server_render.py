@@ -137,7 +137,7 @@ def test_submission_ports_require_tls_12_and_authentication(rendered: dict) -> N
     assert services["submissions/inet/smtpd_tls_wrappermode"] == "yes"
     # Mail from users is signed by OpenDKIM and never passed to the spam milter.
     assert "spamass" not in services["submission/inet/smtpd_milters"]
-    assert "8891" in services["submission/inet/smtpd_milters"]
+    assert services["submission/inet/smtpd_milters"] == "unix:opendkim/opendkim.sock"
     master = (root / "etc/postfix/master.cf").read_text()
     assert re.search(r"^smtp\s+inet\s.*postscreen$", master, re.M)
 
