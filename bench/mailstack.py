@@ -212,6 +212,7 @@ def inbound_latency(info: LabInfo, count: int, seed: int = 7) -> dict[str, Any]:
 
     def run() -> tuple[list[float], list[float], list[int]]:
         smtp_ms, visible_ms, sizes = [], [], []
+        tls = unverified()  # made once, as a sending MTA does: loading the CA store takes ≈ 25 ms
         with imap_session(info) as imap:
             for msg in corpus:
                 seen = imap_count(imap)
@@ -220,7 +221,7 @@ def inbound_latency(info: LabInfo, count: int, seed: int = 7) -> dict[str, Any]:
                 started = time.perf_counter()
                 with smtplib.SMTP(DROPLET_IPV4, SMTP_PORT, local_hostname=f"mx.{REMOTE_DOMAIN}",
                                   source_address=(REMOTE_IP, 0), timeout=60) as smtp:  # fmt: skip
-                    smtp.starttls(context=unverified())
+                    smtp.starttls(context=tls)
                     smtp.sendmail(msg["From"], [USER], raw)
                     accepted = time.perf_counter()
                 while imap_count(imap) <= seen:
@@ -324,6 +325,7 @@ def submission(info: LabInfo, count: int, seed: int = 11) -> dict[str, Any]:
 
     def run() -> tuple[list[float], int]:
         times, signed = [], 0
+        tls = unverified()  # made once, as a mail client does
         for i in range(count):
             msg = email.message.EmailMessage()
             msg["From"], msg["To"] = USER, f"dana@{REMOTE_DOMAIN}"
@@ -333,7 +335,7 @@ def submission(info: LabInfo, count: int, seed: int = 11) -> dict[str, Any]:
             before = set(spool.glob("*.json"))
             started = time.perf_counter()
             with smtplib.SMTP(DROPLET_IPV4, SUBMISSION_PORT, timeout=60) as smtp:
-                smtp.starttls(context=unverified())
+                smtp.starttls(context=tls)
                 smtp.login(USER, password)
                 smtp.send_message(msg)
             while not (new := set(spool.glob("*.json")) - before):
