@@ -148,6 +148,22 @@ def fetch_all(user: str, password: str) -> list[email.message.Message]:
     return control.in_netns(WORLD_NS, fetch)
 
 
+def test_a_message_offered_again_after_its_delivery_is_stored_once(lab: LabInfo) -> None:
+    """What a sender does when the reply to its DATA was lost (or Postfix after a restart
+    mid-delivery): the same message, same Message-ID, again. SMTP is at-least-once; the mailbox
+    keeps one copy."""
+    user, _ = alice(lab)
+    ((outcome, msg),) = inbound("offered twice", user, 1)
+    send(outcome, msg)
+    assert_each_stored_once(lab, [outcome])
+    again = send(Outcome(msg["Message-ID"]), msg)
+    assert again.replies == [250]
+    other = inbound("after the repeat", user, 1)
+    for o, m in other:
+        send(o, m)
+    assert_each_stored_once(lab, [outcome, *(o for o, _ in other)])
+
+
 # --- 3, 4: daemons stopped and restarted under load ---------------------------------------------
 
 
