@@ -21,7 +21,6 @@ from infra.settings import Relay, Settings, SpamFilter
 
 FILES = Path(__file__).resolve().parent.parent / "cloud_init" / "files"
 SMTP2GO_HOST = "mail.smtp2go.com"
-ACME_SERVER = "https://acme-v02.api.letsencrypt.org/directory"
 SPAMD_USER = "debian-spamd"
 # spamd children: each holds ≈ 50 MB; two keep SpamAssassin within a 1 GB droplet.
 SPAMD_CHILDREN = 2
@@ -147,7 +146,7 @@ def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
         "certificate_names": names,
         "certificate_san": ",".join(f"DNS:{n}" for n in names),
         "alert_email": settings.alert_email,
-        "acme_server": ACME_SERVER,
+        "acme_server": settings.acme_server,
         "webmail_des_key": secrets.webmail_des_key,
         **milters(settings),
         "opendkim_socket": f"{QUEUE_DIR}/{OPENDKIM_MILTER}",

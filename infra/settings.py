@@ -165,6 +165,7 @@ class Settings:
     dmarc_report_address: str
     mta_sts_mode: MtaStsMode
     tls_rpt_address: str
+    acme_server: str  # the ACME directory URL certbot uses
     alert_email: str
     mailboxes: tuple[Mailbox, ...]
     aliases: tuple[Alias, ...]
@@ -485,6 +486,25 @@ def _default_aliases(
     return settings_aliases + added
 
 
+ACME_SERVERS = {
+    "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+    "letsencrypt-staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+}
+# An https URL with nothing a shell would read (it is a certbot argument in a script).
+ACME_URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
+
+
+def _parse_acme_server(p: _Parser) -> str:
+    value = p.string("acmeServer")
+    if value in ACME_SERVERS:
+        return ACME_SERVERS[value]
+    host = value.removeprefix("https://").split("/")[0].split(":")[0]
+    if not (ACME_URL_RE.match(value) and is_domain_name(host)):
+        accepted = ", ".join(ACME_SERVERS)
+        p.problem("acmeServer", value, f"not accepted; accepted: {accepted} or an https:// ACME directory URL")
+    return value
+
+
 def parse_settings(
     raw: Mapping[str, Any],
     schema: Mapping[str, SettingSpec] | None = None,
@@ -588,6 +608,7 @@ def parse_settings(
         dmarc_report_address=dmarc_report,
         mta_sts_mode=p.choice("mtaStsMode", MtaStsMode),
         tls_rpt_address=tls_rpt,
+        acme_server=_parse_acme_server(p),
         alert_email=alert,
         mailboxes=mailboxes,
         aliases=aliases,

@@ -157,6 +157,16 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], list[str]]] = [
         ["dmarcReportAddress", "'reports'", "not an e-mail address"],
     ),
     ("unknown mta-sts mode", {"mtaStsMode": "strict"}, ["mtaStsMode", "'strict'", "none, testing, enforce"]),
+    (
+        "acme server over plain http",
+        {"acmeServer": "http://acme.example.org/directory"},
+        ["acmeServer", "'http://acme.example.org/directory'", "letsencrypt, letsencrypt-staging or an https://"],
+    ),
+    (
+        "acme server a shell would read",
+        {"acmeServer": "https://acme.example.org/$(id)"},
+        ["acmeServer", "letsencrypt, letsencrypt-staging"],
+    ),
     ("bad tls-rpt address", {"tlsRptAddress": "tls@"}, ["tlsRptAddress", "'tls@'", "not an e-mail address"]),
     (
         "bad alert address",
@@ -237,3 +247,11 @@ def test_secret_setting_stored_in_plain_text_is_refused_when_the_engine_says_so(
     assert "pulumi config set --secret smtp2goPassword" in message
     assert "pw-in-plain-text" not in message
     assert parse_settings(raw, encrypted=["passwordHashes", "smtp2goPassword"]).relay is Relay.SMTP2GO
+
+
+def test_acme_server_names_let_s_encrypt_by_default_and_takes_another_ca() -> None:
+    assert parse_settings(good()).acme_server == "https://acme-v02.api.letsencrypt.org/directory"
+    staging = parse_settings(good(acmeServer="letsencrypt-staging")).acme_server
+    assert staging == "https://acme-staging-v02.api.letsencrypt.org/directory"
+    other = "https://acme.example.com:14000/dir"
+    assert parse_settings(good(acmeServer=other)).acme_server == other

@@ -18,7 +18,8 @@ from pathlib import Path
 from infra.lab.netns import call_in
 from infra.lab.pki import IssuedCertificate
 
-ACME_NAME = "acme.mailroom-lab.test"
+# Not under .test: unbound (the host's resolver) answers NXDOMAIN for that special-use TLD.
+ACME_NAME = "acme.example.com"
 ACME_PORT, MANAGEMENT_PORT = 14000, 15000
 HTTP_01_PORT, TLS_ALPN_01_PORT = 80, 443
 # Pebble's defaults sleep up to 15 s before validating and reject 5 % of nonces to exercise

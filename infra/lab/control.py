@@ -13,7 +13,6 @@ creates; `down()` removes every namespace, link, mount and process it made.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import shutil
@@ -26,14 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from infra.bootstrap import volume_device
+from infra.lab import acme
 from infra.lab.image import build_image
 from infra.lab.netns import call_in
+from infra.lab.pki import IssuedCertificate, LabCA
 from infra.offline import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, remote_steps, run_program
 from infra.records import zone_file
 from infra.relay import smtp_endpoint
@@ -46,6 +42,8 @@ HOST_NS, WORLD_NS = f"{NAME}-host", f"{NAME}-world"
 HOST_LINK, WORLD_LINK = f"{NAME}-h", f"{NAME}-w"
 WORLD_IPV4, WORLD_IPV6 = "203.0.113.1", "2001:db8:10::1"
 DNS_IP, SES_IP, REMOTE_IP = "203.0.113.53", "203.0.113.20", "203.0.113.30"
+ACME_IP, CLOUDFLARE_IP = "203.0.113.14", "203.0.113.16"  # pebble; the Cloudflare API stand-in
+CLOUDFLARE_API = "api.cloudflare.com"  # where certbot's dns-cloudflare plugin sends its calls
 REMOTE_DOMAIN = "example.com"  # the outside correspondent's domain, served by the lab DNS
 MACHINE = "mailroom-lab" if NAME == "mrlab" else f"mailroom-lab-{NAME}"
 LAB_PASSWORD_USERS = 2
@@ -113,57 +111,31 @@ def create_network() -> None:
     sh("ip", "-n", HOST_NS, "addr", "add", f"{DROPLET_IPV6}/64", "dev", "eth0", "nodad")
     sh("ip", "-n", HOST_NS, "link", "set", "eth0", "up")
     sh("ip", "-n", HOST_NS, "route", "add", "default", "via", WORLD_IPV4)
-    for address in (WORLD_IPV4, DNS_IP, SES_IP, REMOTE_IP):
+    for address in (WORLD_IPV4, DNS_IP, SES_IP, REMOTE_IP, ACME_IP, CLOUDFLARE_IP):
         sh("ip", "-n", WORLD_NS, "addr", "add", f"{address}/24", "dev", WORLD_LINK)
     sh("ip", "-n", WORLD_NS, "addr", "add", f"{WORLD_IPV6}/64", "dev", WORLD_LINK, "nodad")
     sh("ip", "-n", WORLD_NS, "link", "set", WORLD_LINK, "up")
 
 
-# --- the lab CA (the world's PKI, as far as the host is concerned) -------------------------
+# --- the world's PKI, as far as the host is concerned ----------------------------------------
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+def make_certificates(run: OfflineRun) -> dict[str, IssuedCertificate]:
+    """A lab CA (the host trusts it, as a droplet trusts public CAs) and a certificate for each
+    outside server the host reaches by name."""
+    ca = LabCA(STATE_DIR / "pki")
+    return {
+        "ses": ca.issue("ses", [smtp_endpoint(run.settings.ses_region)]),
+        "cloudflare": ca.issue("cloudflare", [CLOUDFLARE_API]),
+        "acme": ca.issue("acme", [acme.ACME_NAME], [ACME_IP]),
+    }
 
 
-def make_certificates(directory: Path, ses_host: str) -> tuple[Path, Path, Path]:
-    """A lab CA and a certificate for the SES endpoint's name; returns (ca, cert, key)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("mailroom lab CA"))
-        .issuer_name(_name("mailroom lab CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(ses_host))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(ses_host)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = directory / "ca.crt", directory / "ses.crt", directory / "ses.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    paths[2].chmod(0o600)
-    return paths
+def trusted_roots() -> dict[str, Path]:
+    """What the host trusts besides its distribution's roots: the lab CA, and pebble's root
+    (standing in for Let's Encrypt's, which ca-certificates carries)."""
+    pki = STATE_DIR / "pki"
+    return {"mailroom-lab-ca": pki / "lab-ca.crt", "mailroom-lab-acme-root": pki / "pebble-root.crt"}
 
 
 # --- the program, run as pulumi up would run it ---------------------------------------------
@@ -206,6 +178,8 @@ def lab_zone(run: OfflineRun) -> str:
         ". 3600 IN NS lab-root.",
         f"lab-root. 3600 IN A {DNS_IP}",
         f"{smtp_endpoint(s.ses_region)}. 300 IN A {SES_IP}",
+        f"{CLOUDFLARE_API}. 300 IN A {CLOUDFLARE_IP}",
+        f"{acme.ACME_NAME}. 300 IN A {ACME_IP}",
         f"{REMOTE_DOMAIN}. 300 IN A {REMOTE_IP}",
         f"{REMOTE_DOMAIN}. 300 IN MX 10 mx.{REMOTE_DOMAIN}.",
         f"mx.{REMOTE_DOMAIN}. 300 IN A {REMOTE_IP}",
@@ -251,7 +225,7 @@ def attach_volume() -> str:
     return device
 
 
-def prepare_root(user_data: str, ca: Path) -> Path:
+def prepare_root(user_data: str, roots: Mapping[str, Path]) -> Path:
     """A fresh overlay over the cached image, seeded as DigitalOcean seeds a new droplet."""
     image = build_image()
     for part in ("upper", "work", "root"):
@@ -280,15 +254,16 @@ def prepare_root(user_data: str, ca: Path) -> Path:
         "# the mailroom lab: its DNS stands in for the (unsigned) root servers\n"
         'server:\n  root-hints: /etc/unbound/lab-root.hints\n  module-config: "iterator"\n'
     )
-    shutil.copy(ca, root / "usr/local/share/ca-certificates/mailroom-lab-ca.crt")
+    for name, path in roots.items():
+        shutil.copy(path, root / f"usr/local/share/ca-certificates/{name}.crt")
     sh("chroot", str(root), "update-ca-certificates")
     return root
 
 
-def boot_host(user_data: str, ca: Path, volume_path: str) -> subprocess.Popen[bytes]:
+def boot_host(user_data: str, roots: Mapping[str, Path], volume_path: str) -> subprocess.Popen[bytes]:
     """Boot a new host from USER_DATA with the lab's volume at VOLUME_PATH (where DigitalOcean
     puts an attached volume). A guest `reboot` boots the same root again, as a droplet would."""
-    root = prepare_root(user_data, ca)
+    root = prepare_root(user_data, roots)
     device = attach_volume()
     nspawn = [
         "systemd-nspawn", "-D", str(root), "-b", "--register=no", "--keep-unit",
@@ -394,25 +369,43 @@ def run_steps(info: LabInfo, steps: list[dict[str, Any]]) -> list[dict[str, Any]
     return results
 
 
-def start_world(run: OfflineRun, ca_paths: tuple[Path, Path, Path]) -> tuple[str, str]:
+def _world_process(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    log = (STATE_DIR / f"{name}.log").open("wb")
+    return subprocess.Popen(["ip", "netns", "exec", WORLD_NS, *argv], stdout=subprocess.DEVNULL, stderr=log)
+
+
+def _secret_file(name: str, value: str) -> Path:
+    path = STATE_DIR / name
+    path.write_text("")
+    path.chmod(0o600)
+    path.write_text(value)
+    return path
+
+
+def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) -> tuple[str, str]:
+    """DNS, SES, the Cloudflare API and pebble, each on its own world address."""
     zone = STATE_DIR / "zone.db"
     zone.write_text(lab_zone(run))
-    python = sys.executable
-    processes = {}
-    dns_argv = ["ip", "netns", "exec", WORLD_NS, python, "-m", "infra.lab.world", "dns", str(zone), DNS_IP]
-    dns_log = (STATE_DIR / "dns.log").open("wb")
-    processes["dns"] = subprocess.Popen(dns_argv, stdout=subprocess.DEVNULL, stderr=dns_log)
+    module = [sys.executable, "-m", "infra.lab.world"]
+    api_dir = STATE_DIR / "cloudflare"
+    processes = {"dns": _world_process("dns", [*module, "dns", str(zone), DNS_IP, str(api_dir / "records.zone")])}
     ses_user = str(run.outputs.get("sesSmtpUsername", ""))
-    password_file = STATE_DIR / "ses-password"
-    password_file.write_text(str(run.outputs.get("sesSmtpPassword", "")))
-    password_file.chmod(0o600)
-    _, cert, key = ca_paths
-    processes["ses"] = subprocess.Popen(
-        ["ip", "netns", "exec", WORLD_NS, python, "-m", "infra.lab.world", "ses", str(STATE_DIR / "ses"), SES_IP,
-         smtp_endpoint(run.settings.ses_region), ses_user, str(password_file), str(cert), str(key)],
-        stdout=subprocess.DEVNULL, stderr=(STATE_DIR / "ses.log").open("wb"),
-    )  # fmt: skip
+    ses = certificates["ses"]
+    processes["ses"] = _world_process("ses", [
+        *module, "ses", str(STATE_DIR / "ses"), SES_IP, smtp_endpoint(run.settings.ses_region), ses_user,
+        str(_secret_file("ses-password", str(run.outputs.get("sesSmtpPassword", "")))),
+        str(ses.certificate), str(ses.key),
+    ])  # fmt: skip
+    api = certificates["cloudflare"]
+    processes["cloudflare"] = _world_process("cloudflare", [
+        *module, "cloudflare", str(api_dir), CLOUDFLARE_IP, run.settings.domain,
+        str(_secret_file("cloudflare-token", str(run.outputs.get("certbotToken", "")))),
+        str(api.certificate), str(api.key),
+    ])  # fmt: skip
+    config = acme.write_config(STATE_DIR / "pebble.json", ACME_IP, certificates["acme"])
+    processes["acme"] = _world_process("acme", acme.argv(config, DNS_IP))
     (STATE_DIR / "world.json").write_text(json.dumps({k: p.pid for k, p in processes.items()}))
+    acme.fetch_root(WORLD_NS, ACME_IP, STATE_DIR / "pki/lab-ca.crt", trusted_roots()["mailroom-lab-acme-root"])
     return ses_user, str(zone)
 
 
@@ -421,21 +414,21 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
         raise LabError("a lab is already up; run `python -m infra lab down` first")
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     STATE_DIR.chmod(0o700)
-    overrides = dict(overrides or {})
+    # The one setting the lab must change: certificates come from pebble, not Let's Encrypt.
+    overrides = {**(overrides or {}), "acmeServer": acme.directory_url()}
     run, passwords = evaluate(stack, overrides)
     build_image()
     keep_state()
     try:
         create_network()
-        ca_paths = make_certificates(STATE_DIR, smtp_endpoint(run.settings.ses_region))
-        ses_user, zone = start_world(run, ca_paths)
+        ses_user, zone = start_world(run, make_certificates(run))
         key_file = STATE_DIR / "deploy-key"
         key_file.write_text(run.named("deploy-key").state["privateKeyOpenssh"])
         key_file.chmod(0o600)
         user_data = run.one("digitalocean:index/droplet:Droplet").inputs["userData"]
         (STATE_DIR / "user-data").write_text(user_data)
         (STATE_DIR / "volume-path").write_text(volume_device(run.settings))
-        boot_host(user_data, ca_paths[0], volume_device(run.settings))
+        boot_host(user_data, trusted_roots(), volume_device(run.settings))
         steps = [{"name": s.name, "create": s.create, "stdin": s.stdin} for s in remote_steps(run)]
         info = LabInfo(stack, {**overrides, "passwordHashes": lab_hashes(run)}, DROPLET_IPV4, run.settings.admin_user,
                        str(key_file), passwords, ses_user, str(STATE_DIR / "ses"), DNS_IP, zone, [])  # fmt: skip
@@ -507,7 +500,7 @@ def replace_host() -> list[dict[str, Any]]:
     """What replacing the droplet does: a new machine from the same user-data, attached to the
     same volume, then the program's remote commands (all of them: the server id changed)."""
     stop_host()
-    boot_host((STATE_DIR / "user-data").read_text(), STATE_DIR / "ca.crt", (STATE_DIR / "volume-path").read_text())
+    boot_host((STATE_DIR / "user-data").read_text(), trusted_roots(), (STATE_DIR / "volume-path").read_text())
     wait_for_ssh()
     return redeploy()
 

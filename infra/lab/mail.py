@@ -7,6 +7,7 @@ import email.utils
 import imaplib
 import json
 import smtplib
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -20,11 +21,35 @@ TIMEOUT = 60
 
 
 def unverified() -> ssl.SSLContext:
-    """The lab host starts with its self-signed certificate, as a new droplet does."""
+    """For the tests' mail clients, which reach the host by address (the world namespace has no
+    resolver) and may meet the self-signed certificate a new host serves until certbot's comes;
+    served_certificate() is how tests check the certificate itself."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def served_certificate(port: int, server_name: str, cafile: Path | None = None) -> bytes:
+    """The certificate (DER) the host serves on PORT to a client asking for SERVER_NAME (STARTTLS
+    on 25 and 587). With CAFILE it must verify against it and match the name, or ssl raises."""
+
+    def peer() -> bytes:
+        context = unverified() if cafile is None else ssl.create_default_context(cafile=str(cafile))
+        if port in (SMTP_PORT, SUBMISSION_PORT):
+            with smtplib.SMTP(DROPLET_IPV4, port, timeout=TIMEOUT) as smtp:
+                smtp._host = server_name  # type: ignore[attr-defined]  # STARTTLS checks this name
+                smtp.starttls(context=context)
+                der: bytes | None = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        else:
+            with context.wrap_socket(socket.create_connection((DROPLET_IPV4, port), timeout=TIMEOUT),
+                                     server_hostname=server_name) as tls:  # fmt: skip
+                der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+    served: bytes = in_netns(WORLD_NS, peer)
+    return served
 
 
 def message(

@@ -12,17 +12,26 @@ changes again; stopping the process takes it away for good.
 
 `python -m infra.lab.world sink DIR ADDRESS HOSTNAME CERT KEY` is another domain's mail server:
 port 25, STARTTLS offered, no AUTH, every message written to DIR.
+
+`python -m infra.lab.world cloudflare DIR ADDRESS ZONE TOKEN_FILE CERT KEY` answers as
+api.cloudflare.com for the few calls certbot's dns-cloudflare plugin makes (find the zone; add,
+find and delete a TXT record), over HTTPS with a lab CA certificate, only for the one API token.
+The records it holds are written to DIR/records.zone, which the DNS stand-in serves alongside
+its zone file (`dns ZONEFILE ADDRESS [MORE_ZONEFILES...]`); each call is logged to
+DIR/calls.jsonl (never the token).
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import json
 import ssl
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +39,11 @@ SMTP_PORT, SUBMISSION_PORT = 25, 587
 
 
 class ReloadingZone:
-    """dnslib resolver over a zone file, re-read whenever the file's modification time changes."""
+    """dnslib resolver over zone files, re-read whenever one of them changes (or appears)."""
 
-    def __init__(self, zone_file: Path) -> None:
-        self.zone_file = zone_file
-        self.loaded_at = -1.0
+    def __init__(self, *zone_files: Path) -> None:
+        self.zone_files = zone_files
+        self.loaded: tuple[float, ...] = ()
         self.resolver: Any = None
         self.lock = threading.Lock()
 
@@ -42,18 +51,19 @@ class ReloadingZone:
         from dnslib.zoneresolver import ZoneResolver
 
         with self.lock:
-            modified = self.zone_file.stat().st_mtime
-            if modified != self.loaded_at:
-                self.resolver = ZoneResolver(self.zone_file.read_text(), glob=False)
-                self.loaded_at = modified
+            modified = tuple(f.stat().st_mtime_ns if f.exists() else -1 for f in self.zone_files)
+            if modified != self.loaded:
+                text = "\n".join(f.read_text() for f in self.zone_files if f.exists())
+                self.resolver = ZoneResolver(text, glob=False)
+                self.loaded = modified
             resolver = self.resolver
         return resolver.resolve(request, handler)
 
 
-def serve_dns(zone_file: Path, address: str) -> None:
+def serve_dns(zone_file: Path, address: str, *more: Path) -> None:
     from dnslib.server import DNSLogger, DNSServer
 
-    resolver = ReloadingZone(zone_file)
+    resolver = ReloadingZone(zone_file, *more)
     quiet = DNSLogger("-request,-reply,-truncated,-data")  # errors only: the lab's logs stay readable
     servers = [DNSServer(resolver, address=address, port=53, tcp=tcp, logger=quiet) for tcp in (False, True)]
     for server in servers:
@@ -154,10 +164,106 @@ def serve_sink(spool: Path, address: str, hostname: str, cert: Path, key: Path) 
         controller.stop()
 
 
+class CloudflareApi:
+    """What api.cloudflare.com/client/v4 holds for one zone: its id and the records added."""
+
+    def __init__(self, directory: Path, zone: str, token: str) -> None:
+        self.directory, self.zone, self.token = directory, zone, token
+        self.zone_id = hashlib.sha256(zone.encode()).hexdigest()[:32]
+        self.records: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.publish()
+
+    def publish(self) -> None:
+        """The records as zone-file lines, replaced in one rename (the DNS never reads half)."""
+        lines = [f'{r["name"]}. {r["ttl"]} IN TXT "{r["content"]}"' for r in self.records.values()]
+        staged = self.directory / "records.zone.new"
+        staged.write_text("".join(line + "\n" for line in lines))
+        staged.replace(self.directory / "records.zone")
+
+    def log(self, entry: dict[str, Any]) -> None:
+        with (self.directory / "calls.jsonl").open("a") as calls:
+            calls.write(json.dumps(entry) + "\n")
+
+    def answer(self, method: str, path: str, query: dict[str, str], body: Any, token: str) -> tuple[int, Any]:
+        """(HTTP status, the API's JSON envelope) for one call."""
+        if token != self.token:
+            return 403, {"success": False, "errors": [{"code": 10000, "message": "Authentication error"}],
+                         "messages": [], "result": None}  # fmt: skip
+        parts = path.removeprefix("/client/v4/").strip("/").split("/")
+        result: Any
+        with self.lock:
+            if parts == ["zones"] and method == "GET":
+                result = [{"id": self.zone_id, "name": self.zone}] if query.get("name") == self.zone else []
+            elif parts[:3] == ["zones", self.zone_id, "dns_records"]:
+                result = self.dns_records(method, parts[3:], query, body)
+                if result is None:
+                    return 404, {"success": False, "errors": [{"code": 81044, "message": "Record not found"}],
+                                 "messages": [], "result": None}  # fmt: skip
+            else:
+                return 404, {"success": False, "errors": [{"code": 7003, "message": "No route for that URI"}],
+                             "messages": [], "result": None}  # fmt: skip
+        return 200, {"success": True, "errors": [], "messages": [], "result": result}
+
+    def dns_records(self, method: str, rest: list[str], query: dict[str, str], body: Any) -> Any:
+        if method == "POST" and not rest:
+            record = {"id": uuid.uuid4().hex, "type": body["type"], "name": body["name"].rstrip("."),
+                      "content": body["content"], "ttl": int(body.get("ttl") or 120)}  # fmt: skip
+            self.records[record["id"]] = record
+            self.publish()
+            return record
+        if method == "GET" and not rest:
+            wanted = {k: v for k, v in query.items() if k in ("type", "name", "content")}
+            return [r for r in self.records.values() if all(str(r[k]) == v for k, v in wanted.items())]
+        if method == "DELETE" and len(rest) == 1 and rest[0] in self.records:
+            del self.records[rest[0]]
+            self.publish()
+            return {"id": rest[0]}
+        return None
+
+
+def serve_cloudflare(directory: Path, address: str, zone: str, token_file: Path, cert: Path, key: Path) -> None:
+    import http.server
+    import urllib.parse
+
+    api = CloudflareApi(directory, zone, token_file.read_text().strip())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def handle_call(self) -> None:
+            url = urllib.parse.urlsplit(self.path)
+            query = dict(urllib.parse.parse_qsl(url.query))
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+            status, envelope = api.answer(self.command, url.path, query, body, token)
+            api.log({"method": self.command, "path": url.path, "query": query, "status": status})
+            payload = json.dumps(envelope).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_DELETE = handle_call  # noqa: N815
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # calls.jsonl is the log
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer((address, 443), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.serve_forever()
+
+
 def main(argv: list[str]) -> None:
     asyncio.set_event_loop(asyncio.new_event_loop())
     if argv[0] == "dns":
-        serve_dns(Path(argv[1]), argv[2])
+        serve_dns(Path(argv[1]), argv[2], *(Path(a) for a in argv[3:]))
+    elif argv[0] == "cloudflare":
+        directory, address, zone, token_file, cert, key = argv[1:7]
+        serve_cloudflare(Path(directory), address, zone, Path(token_file), Path(cert), Path(key))
     elif argv[0] == "ses":
         spool, address, hostname, user, password_file, cert, key = argv[1:8]
         serve_ses(Path(spool), address, hostname, user, Path(password_file), Path(cert), Path(key))
@@ -165,7 +271,7 @@ def main(argv: list[str]) -> None:
         spool, address, hostname, cert, key = argv[1:6]
         serve_sink(Path(spool), address, hostname, Path(cert), Path(key))
     else:
-        raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses, sink")
+        raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses, sink, cloudflare")
 
 
 if __name__ == "__main__":

@@ -239,26 +239,16 @@ def test_autoconfig_names_the_host_and_its_ports(lab: control.LabInfo) -> None:
 
 
 @pytest.mark.parametrize("port", [25, 465, 587, 993, 443])
-def test_every_tls_port_serves_the_hosts_certificate(lab: control.LabInfo, port: int) -> None:
-    import socket
-
+def test_every_tls_port_serves_the_certificate_certbot_obtained(lab: control.LabInfo, port: int) -> None:
+    """Verified as a client verifies it: chain to the ACME CA's root (pebble's, in the lab), name."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    from infra.lab.mail import unverified
+    from infra.lab.mail import served_certificate
 
-    def peer() -> bytes:
-        if port in (25, 587):
-            with smtplib.SMTP(DROPLET_IPV4, port, timeout=60) as smtp:
-                smtp.starttls(context=unverified())
-                der: bytes | None = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
-        else:
-            with unverified().wrap_socket(socket.create_connection((DROPLET_IPV4, port), timeout=60)) as tls:
-                der = tls.getpeercert(binary_form=True)
-        assert der is not None
-        return der
-
-    certificate = x509.load_der_x509_certificate(control.in_netns(control.WORLD_NS, peer))
+    name = "mta-sts.example.net" if port == 443 else "mail.example.net"
+    der = served_certificate(port, name, cafile=control.trusted_roots()["mailroom-lab-acme-root"])
+    certificate = x509.load_der_x509_certificate(der)
     assert certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "mail.example.net"
     names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.DNSName

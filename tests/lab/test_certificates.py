@@ -1,0 +1,108 @@
+"""The host's certificate, as production gets it: certbot on the host, DNS-01 through the
+Cloudflare API with the program's scoped token, issued by an ACME CA (pebble standing in for
+Let's Encrypt), installed and renewed by the program's own script and deploy hook.
+
+What the lab stands in for is only outside the host: api.cloudflare.com (infra.lab.world,
+reached by name with a lab CA certificate the host trusts), the ACME CA (pebble, whose root the
+host trusts as it trusts Let's Encrypt's), and the DNS pebble validates against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from infra.lab import control
+from infra.lab.mail import served_certificate
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root: network namespaces, mounts, systemd-nspawn"),
+    pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="systemd-nspawn is not installed (make setup)"),
+]
+NAMES = ("mail.example.net", "mta-sts.example.net", "autoconfig.example.net")  # Pulumi.dev.yaml's host and domain
+PORTS = (25, 465, 587, 993, 443)
+
+
+def api_calls() -> list[dict[str, Any]]:
+    calls = control.STATE_DIR / "cloudflare" / "calls.jsonl"
+    return [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+
+
+def serials(cafile: Path) -> dict[int, int]:
+    """The serial number each TLS port serves, each verified against CAFILE and the name asked for."""
+    return {
+        port: x509.load_der_x509_certificate(
+            served_certificate(port, NAMES[1 if port == 443 else 0], cafile)
+        ).serial_number
+        for port in PORTS
+    }
+
+
+def test_certbot_proved_every_name_over_dns_01_and_cleaned_up(lab: control.LabInfo) -> None:
+    calls = api_calls()
+    added = [c for c in calls if c["method"] == "POST" and c["path"].endswith("/dns_records")]
+    assert len(added) >= len(NAMES) and all(c["status"] == 200 for c in added), added
+    looked_up = {c["query"].get("name") for c in calls if c["path"].endswith("/dns_records") and c["method"] == "GET"}
+    assert {f"_acme-challenge.{n}" for n in NAMES} <= looked_up
+    deleted = [c for c in calls if c["method"] == "DELETE" and c["status"] == 200]
+    assert len(deleted) == len(added), "every challenge record certbot added was deleted again"
+    assert (control.STATE_DIR / "cloudflare" / "records.zone").read_text() == ""
+
+    listed = control.guest("sudo certbot certificates --cert-name mailroom", lab)
+    assert listed.returncode == 0, listed.stderr
+    domains = next(line for line in listed.stdout.splitlines() if "Domains:" in line).split()[1:]
+    assert sorted(domains) == sorted(NAMES)
+
+
+def test_the_cloudflare_api_answers_only_the_programs_token(lab: control.LabInfo) -> None:
+    """So the issuance above proves the token reached certbot: another one gets 403."""
+    root = control.STATE_DIR / "pki" / "lab-ca.crt"
+
+    def ask(token: str) -> tuple[int, dict[str, Any]]:
+        import ssl
+
+        request = urllib.request.Request(
+            f"https://{control.CLOUDFLARE_IP}/client/v4/zones?name=example.net",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        context = ssl.create_default_context(cafile=str(root))
+        context.check_hostname = False  # dialled by address: the world namespace resolves nothing
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=30) as response:  # noqa: S310 - https, built above
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as refused:
+            return refused.code, json.loads(refused.read())
+
+    status, body = control.in_netns(control.WORLD_NS, lambda: ask("not-the-token"))
+    assert (status, body["success"]) == (403, False)
+    token = (control.STATE_DIR / "cloudflare-token").read_text()
+    status, body = control.in_netns(control.WORLD_NS, lambda: ask(token))
+    assert status == 200 and body["result"][0]["name"] == "example.net"
+
+
+def test_a_renewed_certificate_is_installed_and_served_on_every_port(lab: control.LabInfo) -> None:
+    """What certbot's timer does when the certificate nears expiry, forced: the deploy hook
+    installs the new one where Postfix, Dovecot and nginx read it and reloads them."""
+    if lab.overrides.get("spamFilter", "spamassassin") != "spamassassin":
+        pytest.skip("certificates do not depend on the spam filter: renewal is proven once, in spamassassin mode")
+    root = control.trusted_roots()["mailroom-lab-acme-root"]
+    before = serials(root)
+    assert len(set(before.values())) == 1, f"the ports serve different certificates: {before}"
+
+    renewed = control.guest("sudo certbot renew --force-renewal --no-random-sleep-on-renew", lab)
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+
+    after = serials(root)
+    assert len(set(after.values())) == 1, f"after renewal the ports serve different certificates: {after}"
+    assert set(after.values()) != set(before.values()), "the daemons still serve the old certificate"
+    installed = control.guest("sudo openssl x509 -noout -serial -in /etc/mailroom/tls/fullchain.pem", lab)
+    assert int(installed.stdout.strip().split("=")[1], 16) == after[993]
