@@ -359,6 +359,16 @@ def test_changing_one_setting_changes_only_the_files_it_concerns() -> None:
     assert changed == {"/etc/postfix/main.cf"}
 
 
+def test_the_acme_server_setting_reaches_certbot_and_only_the_certificate_script() -> None:
+    before = render_bundle(settings_for("spamassassin", "ses", False), SECRETS)
+    after = render_bundle(settings_for("spamassassin", "ses", False, acmeServer="letsencrypt-staging"), SECRETS)
+    changed = {f.path for f in after.files if f.content != before.file(f.path).content}
+    assert changed == {"/usr/local/sbin/mailroom-certificate"}
+    script = after.file("/usr/local/sbin/mailroom-certificate").content
+    assert '--server "https://acme-staging-v02.api.letsencrypt.org/directory"' in script
+    assert "acme-v02.api.letsencrypt.org" in before.file("/usr/local/sbin/mailroom-certificate").content
+
+
 def test_every_file_belongs_to_exactly_one_service() -> None:
     """A changed file must reach exactly one checker and one reload, or the change is never picked up."""
     for spam, relay, webmail in product(("spamassassin", "rspamd"), ("ses", "smtp2go", "direct"), (False, True)):
