@@ -186,7 +186,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
         ),
         Service(
             "postfix",
-            ("/etc/postfix/", "/etc/aliases"),
+            ("/etc/postfix/", "/etc/aliases", "/etc/mailname"),
             prepare=(*postmaps, "newaliases"),
             check=("postfix check",),
             reload="systemctl reload-or-restart postfix",

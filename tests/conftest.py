@@ -33,7 +33,7 @@ def offline() -> Callable[..., OfflineRun]:
 def lab_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "the lab needs root: network namespaces, mounts, loop devices, systemd-nspawn"
-    for tool in ("systemd-nspawn", "debootstrap", "losetup", "swaks"):
+    for tool in ("systemd-nspawn", "debootstrap", "losetup", "pebble"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (requirements-lab-debian.txt; make setup)"
     return None
@@ -63,3 +63,6 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Any]:
         yield control.up("dev", {"spamFilter": mode})
     finally:
         control.down()
+        # A lab that leaks is a broken lab: what `down` missed fails the session.
+        left = control.leftovers()
+        assert not left, f"lab down left behind: {left}"

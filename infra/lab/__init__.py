@@ -1,23 +1,8 @@
-"""The lab: the droplet rehearsed on this machine.
+"""The lab: `pulumi up` rehearsed on this machine.
 
-`infra.lab.machinery` boots a Debian 12 host from a stack's rendered user-data, with the outside
-world (DNS, SES, ACME, another domain's mail server) stood in for in network namespaces;
-`infra.lab.commands` runs remote commands on it as Pulumi's command provider would.
-`infra.lab.control` drives the Pulumi program (under mocks) through a lab.
+`infra.lab.control` runs the Pulumi program for a stack under mocks, boots a Debian 12 host
+(`infra.lab.image`, systemd-nspawn) from the droplet's own user-data, stands in for the outside
+world in a second network namespace (`infra.lab.world`: DNS, SES, Cloudflare's API; pebble as
+the ACME CA, `infra.lab.acme`; the world's certificates from `infra.lab.pki`), and runs the
+program's own remote commands over SSH. `infra.lab.mail` is mail through it, from the outside.
 """
-
-from infra.lab.commands import CommandResult, Connection, LabCommand, run_commands
-from infra.lab.machinery import LabError, LabInfo, LabStatus, down, status, up
-
-__all__ = [
-    "CommandResult",
-    "Connection",
-    "LabCommand",
-    "LabError",
-    "LabInfo",
-    "LabStatus",
-    "down",
-    "run_commands",
-    "status",
-    "up",
-]

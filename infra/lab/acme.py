@@ -20,6 +20,7 @@ from infra.lab.pki import IssuedCertificate
 
 # Not under .test: unbound (the host's resolver) answers NXDOMAIN for that special-use TLD.
 ACME_NAME = "acme.example.com"
+CAA_DOMAIN = "example.com"  # what the lab CA would publish for CAA (pebble checks no CAA)
 ACME_PORT, MANAGEMENT_PORT = 14000, 15000
 HTTP_01_PORT, TLS_ALPN_01_PORT = 80, 443
 # Pebble's defaults sleep up to 15 s before validating and reject 5 % of nonces to exercise

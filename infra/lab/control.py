@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import dns.reversename
+
 from infra.bootstrap import volume_device
 from infra.lab import acme
 from infra.lab.image import build_image
@@ -83,7 +85,7 @@ def sh(*argv: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedPro
     return result
 
 
-# Running code inside a namespace: one implementation, shared with the lab machinery.
+# Running code inside a namespace (the tests' clients, the benchmarks' probes).
 in_netns = call_in
 
 
@@ -187,6 +189,7 @@ def lab_zone(run: OfflineRun) -> str:
         f'_dmarc.{REMOTE_DOMAIN}. 300 IN TXT "v=DMARC1; p=reject"',
         f'amazonses.com. 300 IN TXT "v=spf1 ip4:{SES_IP} -all"',
         f"{reverse} 300 IN PTR {s.host_name}.",
+        f"{dns.reversename.from_address(DROPLET_IPV6)} 300 IN PTR {s.host_name}.",  # DigitalOcean names both
         f"{'.'.join(reversed(REMOTE_IP.split('.')))}.in-addr.arpa. 300 IN PTR mx.{REMOTE_DOMAIN}.",
     ]
     return zone_file(s, facts) + "\n".join(outside) + "\n"
@@ -415,7 +418,7 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     STATE_DIR.chmod(0o700)
     # The one setting the lab must change: certificates come from pebble, not Let's Encrypt.
-    overrides = {**(overrides or {}), "acmeServer": acme.directory_url()}
+    overrides = {**(overrides or {}), "acmeServer": acme.directory_url(), "caaIssuer": acme.CAA_DOMAIN}
     run, passwords = evaluate(stack, overrides)
     build_image()
     keep_state()
@@ -509,6 +512,26 @@ def guest(command: str, info: LabInfo | None = None) -> subprocess.CompletedProc
     """A command on the lab host as its administrator (through sudo where it needs root)."""
     info = info or LabInfo.load()
     return subprocess.run(ssh_argv(info, command), capture_output=True, text=True, check=False, timeout=300)
+
+
+def leftovers() -> list[str]:
+    """What of this lab still exists on the machine: nothing, after `down`."""
+    found = []
+    namespaces = {line.split()[0] for line in sh("ip", "netns", "list", check=False).stdout.splitlines() if line}
+    found += [f"network namespace {ns}" for ns in (HOST_NS, WORLD_NS) if ns in namespaces]
+    found += [f"link {HOST_LINK}"] if sh("ip", "link", "show", HOST_LINK, check=False).returncode == 0 else []
+    found += [f"state directory {STATE_DIR}"] if STATE_DIR.exists() else []
+    state = str(STATE_DIR) + "/"
+    loops = sh("losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE", check=False).stdout.splitlines()
+    found += [f"loop device {line.split()[0]}" for line in loops if state in line]
+    mounts = sh("findmnt", "--raw", "--noheadings", "--output", "TARGET", check=False).stdout.splitlines()
+    found += [f"mount {m}" for m in mounts if m.startswith(state)]
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if state in argv or f"/run/netns/{HOST_NS}" in argv:
+                found.append(f"process {proc.name}: {argv[:120]}")
+    return found
 
 
 def down() -> None:

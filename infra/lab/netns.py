@@ -1,11 +1,10 @@
-"""Code and commands that must run inside one of the lab's network namespaces."""
+"""Code that must run inside one of the lab's network namespaces."""
 
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,12 +34,3 @@ def call_in(netns: str, fn: Callable[[], T]) -> T:
         raise box["error"]
     value: T = box["value"]
     return value
-
-
-def argv_in(netns: str, argv: Sequence[str]) -> list[str]:
-    # `ip netns exec` execs the command itself: the pid it gets is the command's own.
-    return ["ip", "netns", "exec", netns, *argv]
-
-
-def run_in(netns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv_in(netns, argv), capture_output=True, text=True, check=False, **kwargs)

@@ -1,7 +1,7 @@
-"""The lab's keys: a CA for the outside world's TLS servers, and the administrator's SSH key.
+"""The lab's CA, for the outside world's TLS servers (SES, Cloudflare's API, pebble's API).
 
 The lab host trusts the lab CA (it is installed into the guest's certificate store), so the
-SES stand-in and pebble's ACME endpoint are verified by name exactly as the real ones are
+stand-ins are verified by name exactly as the real ones are
 verified by a public CA. A new CA is made for every lab run and lives in its state directory.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 30
@@ -98,38 +98,3 @@ class LabCA:
         _write_key(issued.key, key)
         issued.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         return issued
-
-
-@dataclass(frozen=True)
-class SshKeyPair:
-    private_key: Path
-    public_key: str  # one OpenSSH line, as sshPublicKeys takes it
-
-
-def ssh_key_pair(path: Path, comment: str = "mailroom-lab") -> SshKeyPair:
-    """The lab administrator's key (made once per lab run; OpenSSH format, root-only)."""
-    if not path.exists():
-        key = ed25519.Ed25519PrivateKey.generate()
-        path.write_bytes(b"")
-        path.chmod(0o600)
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            )
-        )
-    loaded = serialization.load_ssh_private_key(path.read_bytes(), password=None)
-    public = loaded.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return SshKeyPair(path, f"{public.decode()} {comment}")
-
-
-def dkim_key_pair(path: Path) -> str:
-    """An RSA 2048 DKIM key for the lab's DNS (the program's own key replaces it when given);
-    returns the public key in PEM."""
-    if not path.exists():
-        _write_key(path, rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )

@@ -10,9 +10,6 @@ password, each accepted message written to DIR. Writing `4xx` or `5xx` into DIR/
 answer 451 / 554 to recipients; `away` closes its port (connection refused) until the mode
 changes again; stopping the process takes it away for good.
 
-`python -m infra.lab.world sink DIR ADDRESS HOSTNAME CERT KEY` is another domain's mail server:
-port 25, STARTTLS offered, no AUTH, every message written to DIR.
-
 `python -m infra.lab.world cloudflare DIR ADDRESS ZONE TOKEN_FILE CERT KEY` answers as
 api.cloudflare.com for the few calls certbot's dns-cloudflare plugin makes (find the zone; add,
 find and delete a TXT record), over HTTPS with a lab CA certificate, only for the one API token.
@@ -146,24 +143,6 @@ def serve_ses(spool: Path, address: str, hostname: str, user: str, password_file
             controller.stop()
 
 
-def serve_sink(spool: Path, address: str, hostname: str, cert: Path, key: Path) -> None:
-    """Another domain's MX: accepts any mail on port 25 (STARTTLS offered, not required)."""
-    from aiosmtpd.controller import Controller
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    spool.mkdir(parents=True, exist_ok=True)
-    controller = Controller(
-        SesStandIn(spool), hostname=address, port=SMTP_PORT, server_hostname=hostname, tls_context=context
-    )
-    controller.start()
-    try:
-        while True:
-            time.sleep(1)
-    finally:
-        controller.stop()
-
-
 class CloudflareApi:
     """What api.cloudflare.com/client/v4 holds for one zone: its id and the records added."""
 
@@ -267,11 +246,8 @@ def main(argv: list[str]) -> None:
     elif argv[0] == "ses":
         spool, address, hostname, user, password_file, cert, key = argv[1:8]
         serve_ses(Path(spool), address, hostname, user, Path(password_file), Path(cert), Path(key))
-    elif argv[0] == "sink":
-        spool, address, hostname, cert, key = argv[1:6]
-        serve_sink(Path(spool), address, hostname, Path(cert), Path(key))
     else:
-        raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses, sink, cloudflare")
+        raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses, cloudflare")
 
 
 if __name__ == "__main__":
