@@ -147,7 +147,7 @@ def records(settings: Settings, facts: Facts) -> list[Record]:
         Record("srv-pop3s", "SRV", f"_pop3s._tcp.{d}", ".", priority=0, weight=0, port=0),
         Record("autoconfig", "CNAME", f"autoconfig.{d}", host),
         Record("autodiscover", "CNAME", f"autodiscover.{d}", host),
-        Record("caa-issue", "CAA", d, "letsencrypt.org", flags=0, tag="issue"),
+        Record("caa-issue", "CAA", d, settings.caa_issuer, flags=0, tag="issue"),
         Record("caa-issuewild", "CAA", d, ";", flags=0, tag="issuewild"),
         Record("caa-iodef", "CAA", d, f"mailto:{settings.alert_email}", flags=0, tag="iodef"),
     ]

@@ -166,6 +166,7 @@ class Settings:
     mta_sts_mode: MtaStsMode
     tls_rpt_address: str
     acme_server: str  # the ACME directory URL certbot uses
+    caa_issuer: str  # the CA's domain in the CAA record
     alert_email: str
     mailboxes: tuple[Mailbox, ...]
     aliases: tuple[Alias, ...]
@@ -505,6 +506,20 @@ def _parse_acme_server(p: _Parser) -> str:
     return value
 
 
+def _parse_caa_issuer(p: _Parser, acme_server: str) -> str:
+    value = p.string("caaIssuer").lower()
+    if not value:
+        if acme_server not in ACME_SERVERS.values():
+            p.problems.append(
+                "caaIssuer: missing; acmeServer names a CA other than Let's Encrypt, whose CAA record would refuse "
+                "it: set caaIssuer to that CA's CAA domain (e.g. sectigo.com)"
+            )
+        return "letsencrypt.org"
+    if not is_domain_name(value):
+        p.problem("caaIssuer", value, "not a domain name; accepted: the CA's CAA domain, e.g. letsencrypt.org")
+    return value
+
+
 def parse_settings(
     raw: Mapping[str, Any],
     schema: Mapping[str, SettingSpec] | None = None,
@@ -585,6 +600,7 @@ def parse_settings(
     aliases = _parse_aliases(p, domain, mailboxes)
     aliases = _default_aliases(aliases, mailboxes, (dmarc_report, tls_rpt))
 
+    acme_server = _parse_acme_server(p)
     settings = Settings(
         domain=domain,
         host_name=host,
@@ -608,7 +624,8 @@ def parse_settings(
         dmarc_report_address=dmarc_report,
         mta_sts_mode=p.choice("mtaStsMode", MtaStsMode),
         tls_rpt_address=tls_rpt,
-        acme_server=_parse_acme_server(p),
+        acme_server=acme_server,
+        caa_issuer=_parse_caa_issuer(p, acme_server),
         alert_email=alert,
         mailboxes=mailboxes,
         aliases=aliases,

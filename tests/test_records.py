@@ -186,3 +186,12 @@ def test_mta_sts_id_changes_exactly_when_the_policy_changes() -> None:
     assert mta_sts_id(testing) == mta_sts_id(settings_for(webmail=True))  # unrelated setting
     assert "mode: enforce\n" in mta_sts_policy(enforce)
     assert f"mx: {enforce.host_name}\n" in mta_sts_policy(enforce)
+
+
+def test_the_caa_record_allows_the_ca_the_certificate_comes_from() -> None:
+    def issuer(**overrides: Any) -> str:
+        return next(r.rdata() for r in records(settings_for(**overrides), FACTS) if r.key == "caa-issue")
+
+    assert issuer() == '0 issue "letsencrypt.org"'
+    other = {"acmeServer": "https://acme.sectigo.com/v2/DV", "caaIssuer": "sectigo.com"}
+    assert issuer(**other) == '0 issue "sectigo.com"'

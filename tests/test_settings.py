@@ -162,6 +162,7 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], list[str]]] = [
         {"acmeServer": "http://acme.example.org/directory"},
         ["acmeServer", "'http://acme.example.org/directory'", "letsencrypt, letsencrypt-staging or an https://"],
     ),
+    ("caa issuer not a domain", {"caaIssuer": "lets encrypt"}, ["caaIssuer", "'lets encrypt'", "CAA domain"]),
     (
         "acme server a shell would read",
         {"acmeServer": "https://acme.example.org/$(id)"},
@@ -254,4 +255,11 @@ def test_acme_server_names_let_s_encrypt_by_default_and_takes_another_ca() -> No
     staging = parse_settings(good(acmeServer="letsencrypt-staging")).acme_server
     assert staging == "https://acme-staging-v02.api.letsencrypt.org/directory"
     other = "https://acme.example.com:14000/dir"
-    assert parse_settings(good(acmeServer=other)).acme_server == other
+    settings = parse_settings(good(acmeServer=other, caaIssuer="Example.com"))
+    assert (settings.acme_server, settings.caa_issuer) == (other, "example.com")
+    assert parse_settings(good(acmeServer="letsencrypt-staging")).caa_issuer == "letsencrypt.org"
+
+
+def test_another_ca_needs_its_caa_domain() -> None:
+    message = refusal(acmeServer="https://acme.example.com/directory")
+    assert "caaIssuer: missing" in message and "CAA domain" in message
