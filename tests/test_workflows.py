@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
 NAMES = ("test.yml", "preview.yml", "deploy.yml")
 DOCS = ROOT / "docs" / "github-actions.md"
+LAB_ARTIFACTS = ".lab-artifacts"
+# The most a job may run on a GitHub-hosted runner, and the default of timeout-minutes.
+GITHUB_MAX_JOB_MINUTES = 360
+DEPLOY_RUNS_ON = "${{ vars.DEPLOY_RUNNER || 'ubuntu-latest' }}"
 
 VENV_STEP = "python -m venv .venv && .venv/bin/pip install -r requirements.txt"
 # An action pinned by a full release version (v7.0.1) or a commit SHA; not a branch, not a major tag.
@@ -151,6 +155,31 @@ def test_test_workflow_runs_make_test_on_push_and_pull_request() -> None:
     # As root (make installs Debian packages), with the runner's PATH; the command is `make test`.
     assert re.fullmatch(r'(sudo (env "PATH=\$PATH" )?)?make test', runs[0].strip()), runs[0]
     assert not SECRET.search((WORKFLOWS / "test.yml").read_text())
+
+
+def test_test_workflow_uploads_the_lab_findings_even_when_the_tests_fail() -> None:
+    (job,) = jobs("test.yml").values()
+    names = [action(s) or s.get("run", "").strip() for s in steps(job)]
+    uploads = [s for s in steps(job) if action(s) == "actions/upload-artifact"]
+    assert len(uploads) == 1, "test.yml uploads .lab-artifacts/ in one step"
+    (upload,) = uploads
+    make_test = next(i for i, n in enumerate(names) if n.endswith("make test"))
+    assert steps(job).index(upload) > make_test, "the upload runs after make test"
+    # Also after a failed `make test`, when the findings matter most.
+    assert re.fullmatch(r"(\$\{\{\s*)?always\(\)(\s*\}\})?", str(upload.get("if", "")).strip()), upload.get("if")
+    paths = [line.strip() for line in str(upload["with"]["path"]).splitlines() if line.strip()]
+    assert [p.rstrip("/") for p in paths] in ([LAB_ARTIFACTS], [f"./{LAB_ARTIFACTS}"]), paths
+    # upload-artifact skips dot-files and dot-directories unless told otherwise.
+    assert upload["with"].get("include-hidden-files") is True
+    # Without the lab (no root, no network namespaces) there are no findings: not an error.
+    assert upload["with"].get("if-no-files-found", "warn") != "error"
+    assert PINNED.match(upload["uses"])
+
+
+def test_the_uploaded_directory_is_where_the_lab_writes_and_git_ignores() -> None:
+    assert f"/{LAB_ARTIFACTS}/" in (ROOT / ".gitignore").read_text().splitlines()
+    scan = (ROOT / "tests" / "reliability" / "test_tls_scan.py").read_text()
+    assert f'"{LAB_ARTIFACTS}"' in scan, "the TLS scan no longer writes under .lab-artifacts/"
 
 
 # --- preview.yml -------------------------------------------------------------------------------
@@ -330,6 +359,63 @@ def test_one_deploy_per_stack_at_a_time_never_cancelled(stack: str) -> None:
             groups.add(group)
     # The push job and the by-hand job of a stack share one group.
     assert len(groups) == 1, groups
+
+
+def _pulumi_up_jobs() -> dict[str, dict[str, Any]]:
+    found = {i: j for i, j in jobs("deploy.yml").items() if any(s["with"]["command"] == "up" for s in pulumi_steps(j))}
+    assert set(found) == {"dev", "prod", "manual"}, set(found)
+    return found
+
+
+def _minutes(value: Any) -> int:
+    # A literal number: an expression could evaluate to anything.
+    assert isinstance(value, int) and not isinstance(value, bool), f"timeout-minutes is not a number: {value!r}"
+    return value
+
+
+@pytest.mark.parametrize("job_id", ["dev", "prod", "manual"])
+def test_no_timeout_can_cut_a_running_pulumi_up(job_id: str) -> None:
+    # A timeout cancels the job like a newer run would, and a cancelled update leaves pending
+    # operations in the stack. Without timeout-minutes the default, GitHub's maximum, applies.
+    job = _pulumi_up_jobs()[job_id]
+    if "timeout-minutes" in job:
+        assert _minutes(job["timeout-minutes"]) >= GITHUB_MAX_JOB_MINUTES, f"{job_id}: job timeout"
+    for step in pulumi_steps(job):
+        if "timeout-minutes" in step:
+            assert _minutes(step["timeout-minutes"]) >= GITHUB_MAX_JOB_MINUTES, f"{job_id}: step timeout"
+        assert "continue-on-error" not in step
+
+
+@pytest.mark.parametrize("job_id", ["dev", "prod", "manual"])
+def test_a_hung_step_before_pulumi_up_fails_fast(job_id: str) -> None:
+    # With no job timeout, a hung install would hold the stack's deploy queue for six hours;
+    # stopping a step before `pulumi up` changes nothing.
+    job = _pulumi_up_jobs()[job_id]
+    all_steps = steps(job)
+    first_pulumi = all_steps.index(pulumi_steps(job)[0])
+    for step in all_steps[:first_pulumi]:
+        label = step.get("name") or step.get("uses") or step.get("run")
+        assert "timeout-minutes" in step, f"{job_id}: {label} has no timeout"
+        assert 0 < _minutes(step["timeout-minutes"]) <= 30, f"{job_id}: {label}"
+
+
+@pytest.mark.parametrize("job_id", ["dev", "prod", "manual"])
+def test_the_deploy_runner_is_chosen_by_a_variable_not_by_editing(job_id: str) -> None:
+    # The remote commands SSH from the runner, whose address must be in the stack's adminCidrs.
+    assert _pulumi_up_jobs()[job_id]["runs-on"] == DEPLOY_RUNS_ON
+
+
+def test_deploy_runner_is_documented_as_a_repository_variable() -> None:
+    # runs-on is evaluated before the job enters its environment: an environment variable
+    # DEPLOY_RUNNER would be silently ignored, so the docs must not say to create one there.
+    rows = [line for line in DOCS.read_text().splitlines() if line.startswith("|") and "`DEPLOY_RUNNER`" in line]
+    assert len(rows) == 1, rows
+    where = rows[0].strip("|").split("|")[0]
+    assert "repository" in where and not where.strip().startswith("environment"), rows[0]
+    assert DEPLOY_RUNS_ON in DOCS.read_text()
+    for name in ("test.yml", "preview.yml"):
+        # Only deploys need the droplet; a self-hosted runner must never run pull-request code.
+        assert "DEPLOY_RUNNER" not in json.dumps(load(name)), name
 
 
 # --- all workflows -----------------------------------------------------------------------------
