@@ -7,6 +7,7 @@ the Pulumi CLI does and run the program (or its pure parts) locally.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -16,18 +17,89 @@ from typing import Any
 from infra.settings import SettingsError, parse_settings
 from infra.stack import StackError, parse_override, stack_config, stack_names
 
-MAX_SHOWN = 72
+# A multi-line text input (a script, a config) is shown in full up to this many lines; longer
+# ones (the user-data, the apply script) are summarised, with where to read them in full.
+MAX_BLOCK_LINES = 12
 OFFLINE_BANNER = (
     "OFFLINE PLAN (evaluated under Pulumi mocks; nothing was sent to any cloud; ids, addresses and keys are stand-ins)"
 )
+# Stands for mailroom's deploy key in a render with placeholder secrets: a line sshd ignores.
+PLACEHOLDER_DEPLOY_KEY = "ssh-ed25519 PLACEHOLDER-NOT-A-KEY mailroom-deploy-key-generated-by-pulumi-up"
 
 
-def _shown(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-    if "\n" in text or len(text) > MAX_SHOWN:
-        first = text.splitlines()[0] if text.strip() else ""
-        return f"{first[:40]!r}... ({len(text)} characters)"
-    return text
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool) or value is None or value == "":
+        return json.dumps(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # numbers travel as floats: show 22, not 22.0
+    return str(value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return not isinstance(value, (dict, list)) and not (isinstance(value, str) and "\n" in value)
+
+
+def _is_flat(value: Any) -> bool:
+    """A value that reads well on one line: a scalar, a list of scalars, or a mapping of those."""
+    if isinstance(value, list):
+        return all(_is_scalar(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_scalar(v) or (isinstance(v, list) and _is_flat(v)) for v in value.values())
+    return _is_scalar(value)
+
+
+def _inline(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_inline(v)}" for k, v in sorted(value.items()))
+    return _scalar(value)
+
+
+def _json_document(text: str) -> Any:
+    """A JSON object or array held in a string (an IAM policy...), or None."""
+    if not text.lstrip().startswith(("{", "[")):
+        return None
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return None
+    return document if isinstance(document, (dict, list)) else None
+
+
+def shown_lines(key: str, value: Any, pad: str) -> list[str]:
+    """An input as readable lines: one list item per line, JSON indented, strings in full."""
+    if isinstance(value, str):
+        document = _json_document(value)
+        if document is not None:
+            return [f"{pad}{key}: (JSON)"] + [f"{pad}  {line}" for line in json.dumps(document, indent=2).splitlines()]
+        text = value.rstrip("\n")
+        if "\n" not in text:
+            return [f"{pad}{key}: {_scalar(text)}"]
+        lines = text.splitlines()
+        if len(lines) <= MAX_BLOCK_LINES:
+            return [f"{pad}{key}: |"] + [f"{pad}  {line}" for line in lines]
+        return [f"{pad}{key}: {lines[0]!r}... ({len(lines)} lines, {len(value)} characters)"]
+    if isinstance(value, list):
+        if _is_flat(value):
+            return [f"{pad}{key}: {_inline(value)}"]
+        out = [f"{pad}{key}:"]
+        for item in value:
+            if _is_flat(item):
+                out.append(f"{pad}  - {_inline(item)}")
+            else:
+                out.append(f"{pad}  -")
+                for k, v in sorted(item.items()) if isinstance(item, dict) else [("value", item)]:
+                    out += shown_lines(k, v, pad + "    ")
+        return out
+    if isinstance(value, dict):
+        if not value:
+            return [f"{pad}{key}: {{}}"]
+        out = [f"{pad}{key}:"]
+        for k, v in sorted(value.items()):
+            out += shown_lines(k, v, pad + "  ")
+        return out
+    return [f"{pad}{key}: {_scalar(value)}"]
 
 
 def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
@@ -47,9 +119,14 @@ def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
                 flags.append("ignore-changes: " + ",".join(r.ignore_changes))
             suffix = f"  [{'; '.join(flags)}]" if flags else ""
             lines.append(f"{'  ' * depth}+ {r.type}  {r.name}{suffix}")
+            pad = "  " * (depth + 2)
             for key in sorted(r.inputs) if r.custom else []:
-                value = "[secret]" if key in r.secret_inputs else _shown(r.inputs[key])
-                lines.append(f"{'  ' * (depth + 2)}{key}: {value}")
+                if key in r.secret_inputs:
+                    lines.append(f"{pad}{key}: [secret]")
+                else:
+                    lines.extend(shown_lines(key, r.inputs[key], pad))
+                    if key == "userData":
+                        lines.append(f"{pad}  (in full: python -m infra render --stack {stack} --out DIR)")
             walk(r.urn, depth + 1)
 
     roots = {r.parent for r in run.resources} - {r.urn for r in run.resources}
@@ -57,7 +134,7 @@ def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
         walk(root, 0)
     lines.append("outputs:")
     for name, value in run.outputs.items():
-        lines.append(f"  {name}: {'[secret]' if name in run.secret_outputs else _shown(value)}")
+        lines += [f"  {name}: [secret]"] if name in run.secret_outputs else shown_lines(name, value, "  ")
     return lines
 
 
@@ -74,8 +151,27 @@ def zone_text(stack: str, overrides: dict[str, Any]) -> str:
     return header + zone_file(run.settings, facts)
 
 
+def deploy_key_pair() -> tuple[str, str]:
+    """A fresh ed25519 key as the program's tls.PrivateKey gives it: (OpenSSH private, public line)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    ).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public.decode().strip()
+
+
 def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets: bool) -> list[Path]:
-    """Write the user-data and every bundle file under OUT; placeholders stand for secrets."""
+    """Write the user-data and every bundle file under OUT; placeholders stand for secrets.
+
+    The user-data is the droplet's: the stack's SSH keys plus mailroom's deploy key, as the
+    program adds it. With placeholders the deploy key is PLACEHOLDER_DEPLOY_KEY (a line sshd
+    ignores); with generated secrets it is a fresh key, whose private half is written to
+    OUT/deploy-key (mode 0600) so the render can be deployed by hand.
+    """
     from infra.bootstrap import render_user_data
     from infra.server import render_bundle
     from infra.stand_ins import generated_secrets, placeholder_secrets
@@ -84,9 +180,20 @@ def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets
     secrets = generated_secrets() if generate_secrets else placeholder_secrets()
     bundle = render_bundle(settings, secrets)
     written = []
+    out.mkdir(parents=True, exist_ok=True)
+    if generate_secrets:
+        private_key, deploy_key = deploy_key_pair()
+        target = out / "deploy-key"
+        target.touch(mode=0o600)
+        target.chmod(0o600)
+        target.write_text(private_key)
+        written.append(target)
+    else:
+        deploy_key = PLACEHOLDER_DEPLOY_KEY
+    # As infra.program does: the deploy key joins the admin's keys in the user-data.
+    with_deploy_key = dataclasses.replace(settings, ssh_public_keys=(*settings.ssh_public_keys, deploy_key))
     target = out / "user-data"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_user_data(settings))
+    target.write_text(render_user_data(with_deploy_key))
     written.append(target)
     for f in bundle.files:
         target = out / "bundle" / f.path.lstrip("/")

@@ -4,7 +4,8 @@
 hands them to the program as the engine would (strings, secrets flagged), and records every
 resource registration: type, name, parent, inputs (with which of them are secret) and the
 resource options that the default mock monitor does not show (protect, ignore_changes,
-additional_secret_outputs, retain_on_delete, depends_on). The cloud's answers are stand-ins
+additional_secret_outputs, retain_on_delete, depends_on), and every provider function it calls
+(the zone lookup...) with its arguments. The cloud's answers are stand-ins
 with realistic shapes: documentation addresses, generated keys, fake ids. Nothing is sent
 anywhere. The plan command, the tests and the lab all use this one harness.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
 from infra.records import Facts, dkim_public_key_body
-from infra.settings import Settings, load_schema, parse_settings
+from infra.settings import Settings, SettingsError, load_schema, parse_settings
 from infra.stack import PROJECT, stack_config
 
 SIG_KEY = "4dabf18193072939515e22adb298388d"
@@ -63,6 +64,15 @@ class Declared:
     provider: str = ""
 
 
+@dataclass(frozen=True)
+class Invoked:
+    """One provider function the program called (a data-source lookup), with its arguments."""
+
+    token: str
+    args: dict[str, Any]
+    provider: str = ""
+
+
 @dataclass
 class OfflineRun:
     stack: str
@@ -70,6 +80,11 @@ class OfflineRun:
     resources: list[Declared]
     outputs: dict[str, Any]
     secret_outputs: set[str]
+    invoked: list[Invoked] = field(default_factory=list)
+
+    def invokes(self, token: str) -> list[Invoked]:
+        """The calls of one provider function, e.g. cloudflare:index/getZone:getZone."""
+        return [i for i in self.invoked if i.token == token]
 
     def of_type(self, type_: str) -> list[Declared]:
         return [r for r in self.resources if r.type == type_]
@@ -157,7 +172,13 @@ def _generated(kind: str, name: str, make: Callable[[], dict[str, str]]) -> dict
 
 
 class StandInCloud(pulumi_mocks.Mocks):
-    """What the clouds would answer, with realistic shapes and stand-in values."""
+    """What the clouds would answer, with realistic shapes and stand-in values.
+
+    Every provider function call (invoke) it answers is kept in `invoked`, in order.
+    """
+
+    def __init__(self) -> None:
+        self.invoked: list[Invoked] = []
 
     def new_resource(self, args: pulumi_mocks.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         state = dict(args.inputs)
@@ -211,6 +232,7 @@ class StandInCloud(pulumi_mocks.Mocks):
         return resource_id, state
 
     def call(self, args: pulumi_mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        self.invoked.append(Invoked(args.token, dict(args.args), args.provider or ""))
         return self._answer(args), []
 
     def _answer(self, args: pulumi_mocks.MockCallArgs) -> dict[str, Any]:
@@ -289,6 +311,22 @@ async def _resolve(value: Any) -> tuple[Any, bool]:
     return await output.future(), bool(await output.is_secret())
 
 
+def _fresh_mocks(stack: str, config: Mapping[str, str], secret_keys: Iterable[str]) -> RecordingMonitor:
+    """Config handed over as the engine does, and a fresh stack under mocks that record it all."""
+    set_all_config(dict(config), list(secret_keys))
+    runtime_settings.ROOT.set(None)  # a fresh stack per run
+    monitor = RecordingMonitor(StandInCloud())
+    pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    runtime_settings.SETTINGS.rpc_manager.clear()
+    runtime_settings.SETTINGS.outputs.clear()
+    return monitor
+
+
+def _run(program_body: Callable[[], Any]) -> None:
+    # As pulumi.runtime.test does: run the program, then wait for every registration it started.
+    _sync_await(run_pulumi_func(lambda: _sync_await(program_body())))
+
+
 def run_program(stack: str, overrides: Mapping[str, Any] | None = None) -> OfflineRun:
     """Evaluate the program for a stack under mocks and return everything it declared."""
     from infra import program
@@ -297,11 +335,7 @@ def run_program(stack: str, overrides: Mapping[str, Any] | None = None) -> Offli
     schema = load_schema()
     settings = parse_settings(raw, schema)  # refuse bad settings before anything is declared
     secret = [f"{PROJECT}:{k}" for k, spec in schema.items() if spec.secret and raw.get(k)]
-    set_all_config(engine_config(raw), secret)
-
-    runtime_settings.ROOT.set(None)  # a fresh stack per run
-    monitor = RecordingMonitor(StandInCloud())
-    pulumi.runtime.set_mocks(StandInCloud(), project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    monitor = _fresh_mocks(stack, engine_config(raw), secret)
     outputs: dict[str, Any] = {}
     secret_outputs: set[str] = set()
 
@@ -312,11 +346,39 @@ def run_program(stack: str, overrides: Mapping[str, Any] | None = None) -> Offli
             if is_secret:
                 secret_outputs.add(name)
 
-    runtime_settings.SETTINGS.rpc_manager.clear()
-    runtime_settings.SETTINGS.outputs.clear()
-    # As pulumi.runtime.test does: run the program, then wait for every registration it started.
-    _sync_await(run_pulumi_func(lambda: _sync_await(evaluate())))
-    return OfflineRun(stack, settings, monitor.declared, outputs, secret_outputs)
+    _run(evaluate)
+    cloud = monitor.mocks
+    invoked = list(cloud.invoked) if isinstance(cloud, StandInCloud) else []
+    return OfflineRun(stack, settings, monitor.declared, outputs, secret_outputs, invoked)
+
+
+@dataclass
+class EntryRun:
+    """What the program's real entry (`__main__.py`, as `pulumi up` runs it) did with a config."""
+
+    resources: list[Declared]
+    error: SettingsError | None
+
+
+def run_entry(stack: str, config: Mapping[str, str], secret_keys: Iterable[str]) -> EntryRun:
+    """Run `infra.program.main` under mocks, with the config exactly as the engine hands it over.
+
+    `config` is namespaced and stringly typed ("mailroom:volumeSizeGb": "25"), `secret_keys` the
+    namespaced keys the stack file holds encrypted. Nothing is validated here first: the entry
+    itself must refuse bad settings, and `error` says how, with what was declared before it.
+    """
+    from infra import program
+
+    monitor = _fresh_mocks(stack, config, secret_keys)
+
+    async def evaluate() -> None:
+        program.main()
+
+    try:
+        _run(evaluate)
+    except SettingsError as exc:
+        return EntryRun(monitor.declared, exc)
+    return EntryRun(monitor.declared, None)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The offline commands a reviewer runs without cloud credentials: plan and zone."""
+"""The offline commands a reviewer runs without cloud credentials: plan, zone and render."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ from pathlib import Path
 
 import dns.zone
 import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
 
 from infra import offline
-from infra.cli import OFFLINE_BANNER, main
+from infra.cli import OFFLINE_BANNER, PLACEHOLDER_DEPLOY_KEY, main
+from infra.records import dkim_public_key_body, records
 from infra.settings import parse_settings
 from infra.stack import stack_config
+from tests.conftest import offline_run
 
 
 def test_plan_prints_the_resource_tree_labelled_offline(capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,12 +36,21 @@ def test_plan_prints_the_resource_tree_labelled_offline(capsys: pytest.CaptureFi
 def test_plan_never_shows_a_secret(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--stack", "dev"]) == 0
     out = capsys.readouterr().out
-    generated = [v for state in offline._GENERATED.values() for v in state.values() if len(v) > 12]
+    # The generated secrets; the public halves of the keys are published (DNS, user-data), and a
+    # private key file holds its public key too: those lines are public, the rest must not show.
+    states = list(offline._GENERATED.values())
+    published = " ".join(
+        dkim_public_key_body(state["publicKeyPem"]) + " " + state["publicKeyOpenssh"]
+        for state in states
+        if "publicKeyPem" in state
+    )
+    generated = [v for state in states for k, v in state.items() if not k.startswith("public") and len(v) > 12]
     hashes = [b.password_hash.reveal() for b in parse_settings(stack_config("dev")).mailboxes]
     assert generated and hashes
     for secret in generated + hashes:
+        assert secret not in out
         for line in secret.splitlines():
-            if len(line) > 12 and not line.startswith("-----") and not line.startswith("ssh-"):
+            if len(line) > 12 and not line.startswith("-----") and line not in published:
                 assert line not in out
     assert "stdin: [secret]" in out
 
@@ -91,3 +104,63 @@ def test_render_writes_user_data_and_bundle_with_placeholder_secrets(
     assert {f["path"] for f in bundle["files"]} == {
         "/" + str(p.relative_to(tmp_path / "bundle")) for p in (tmp_path / "bundle").rglob("*") if p.is_file()
     }
+
+
+def test_plan_shows_rules_policies_and_records_readably(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--stack", "dev"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    # One firewall rule per line, in full.
+    assert "        - portRange: 22, protocol: tcp, sourceAddresses: [198.51.100.0/24, 2001:db8:100::/48]" in lines
+    assert "        - portRange: 25, protocol: tcp, sourceAddresses: [0.0.0.0/0, ::/0]" in lines
+    assert "        - protocol: icmp, sourceAddresses: [0.0.0.0/0, ::/0]" in lines
+    # The IAM policy as indented JSON: its action and condition can be read.
+    assert '              "Action": "ses:SendRawEmail",' in lines
+    assert '                  "ses:FromAddress": "*@example.net"' in lines
+    # DMARC and DKIM records in full, as Cloudflare gets them.
+    run = offline.run_program("dev")
+    by_key = {r.key: r for r in records(run.settings, run.facts())}
+    for key in ("dmarc", "dkim", "spf"):
+        assert f"      content: {by_key[key].rdata()}" in lines, key
+    assert "      value: 90" in lines and "      sshKeys: [" in out  # numbers and lists as written
+    # Only the long texts are summarised, and the summary says where to read them.
+    summarised = [line.strip().split(":")[0] for line in lines if line.endswith(" characters)")]
+    assert sorted(summarised) == ["stdin", "userData"]
+    assert "(in full: python -m infra render --stack dev --out DIR)" in out
+
+
+def droplet_user_data() -> tuple[str, str]:
+    """The user-data the droplet gets in an offline run, and the deploy key in it."""
+    run = offline_run("dev")
+    deploy_key = run.named("deploy-key").state["publicKeyOpenssh"].strip()
+    user_data = run.one("digitalocean:index/droplet:Droplet").inputs["userData"]
+    assert deploy_key in user_data
+    return user_data, deploy_key
+
+
+def test_render_writes_the_droplets_user_data_with_a_placeholder_deploy_key(tmp_path: Path) -> None:
+    assert main(["render", "--stack", "dev", "--out", str(tmp_path)]) == 0
+    rendered = (tmp_path / "user-data").read_text()
+    user_data, deploy_key = droplet_user_data()
+    assert rendered == user_data.replace(deploy_key, PLACEHOLDER_DEPLOY_KEY)
+    (admin,) = yaml.safe_load(rendered)["users"]
+    stack_keys = list(parse_settings(stack_config("dev")).ssh_public_keys)
+    assert admin["ssh_authorized_keys"] == [*stack_keys, PLACEHOLDER_DEPLOY_KEY]
+    assert "PLACEHOLDER" in PLACEHOLDER_DEPLOY_KEY
+    with pytest.raises(ValueError):  # clearly fake: not a key anything would accept
+        serialization.load_ssh_public_key(PLACEHOLDER_DEPLOY_KEY.encode())
+    assert not (tmp_path / "deploy-key").exists()
+
+
+def test_render_with_generated_secrets_has_a_usable_deploy_key(tmp_path: Path) -> None:
+    assert main(["render", "--stack", "dev", "--generate-secrets", "--out", str(tmp_path)]) == 0
+    private_file = tmp_path / "deploy-key"
+    assert oct(private_file.stat().st_mode & 0o777) == "0o600"
+    private = serialization.load_ssh_private_key(private_file.read_bytes(), password=None)
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    rendered = (tmp_path / "user-data").read_text()
+    user_data, deploy_key = droplet_user_data()
+    assert public.decode() != deploy_key
+    assert rendered == user_data.replace(deploy_key, public.decode())
+    (admin,) = yaml.safe_load(rendered)["users"]
+    assert admin["ssh_authorized_keys"][-1] == public.decode()

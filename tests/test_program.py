@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from itertools import product
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -311,3 +312,226 @@ def test_remote_steps_come_out_in_dependency_order_with_their_stdin() -> None:
     assert [s.name for s in steps] == names
     assert steps[2].stdin == commands(run)["apply-bundle"].inputs["stdin"]
     assert "stdin=yes" in repr(steps[2]) and "BLF-CRYPT" not in repr(steps[2])
+
+
+MONITOR_ALERT = "digitalocean:index/monitorAlert:MonitorAlert"
+SSH_KEY = "digitalocean:index/sshKey:SshKey"
+EMAIL_IDENTITY = "aws:sesv2/emailIdentity:EmailIdentity"
+GET_ZONE = "cloudflare:index/getZone:getZone"
+SECOND_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILRlQIGEvEOt95qaWK02gQb9h2JUDYgZ0psVgYrZXbGe carol@example.org"
+
+
+@pytest.mark.parametrize(
+    ("stack", "overrides", "alert_email"),
+    [
+        ("dev", {}, "ops@example.org"),
+        ("prod", {}, "ops@example.com"),
+        ("dev", {"alertEmail": "pager@example.com"}, "pager@example.com"),
+    ],
+)
+def test_monitoring_alerts_on_cpu_memory_and_disk_reach_the_alert_email(
+    stack: str, overrides: dict[str, Any], alert_email: str
+) -> None:
+    run = offline_run(stack, **overrides)
+    alerts = {a.inputs["type"]: a for a in run.of_type(MONITOR_ALERT)}
+    assert sorted(alerts) == [
+        "v1/insights/droplet/cpu",
+        "v1/insights/droplet/disk_utilization_percent",
+        "v1/insights/droplet/memory_utilization_percent",
+    ]
+    assert len(run.of_type(MONITOR_ALERT)) == 3
+    droplet = run.one(DROPLET)
+    for metric, alert in alerts.items():
+        assert alert.inputs["alerts"] == {"emails": [alert_email]}, metric
+        assert alert.inputs["entities"] == [droplet.id], metric
+        assert alert.inputs["compare"] == "GreaterThan" and alert.inputs["enabled"] is True, metric
+        assert 50 <= alert.inputs["value"] < 100, metric
+        assert alert.inputs["description"].startswith(f"{run.settings.host_name}: "), metric
+
+
+def test_ssh_keys_are_declared_and_the_droplet_boots_with_their_fingerprints() -> None:
+    first = offline_run("dev").settings.ssh_public_keys[0]
+    run = offline_run("dev", sshPublicKeys=[first, SECOND_KEY])
+    keys = sorted(run.of_type(SSH_KEY), key=lambda k: k.name)
+    assert [k.inputs["publicKey"] for k in keys] == [first, SECOND_KEY]
+    assert [k.inputs["name"] for k in keys] == ["mail.example.net-0", "mail.example.net-1"]
+    fingerprints = [k.state["fingerprint"] for k in keys]
+    assert len(set(fingerprints)) == 2
+    assert all(len(f.split(":")) == 16 for f in fingerprints)
+    droplet = run.one(DROPLET)
+    assert droplet.inputs["sshKeys"] == fingerprints
+    assert {k.urn for k in keys} <= set(droplet.dependencies)
+    # The stack file's one key, for the other stack as well.
+    prod = offline_run("prod")
+    (prod_key,) = prod.of_type(SSH_KEY)
+    assert prod_key.inputs["publicKey"] == prod.settings.ssh_public_keys[0]
+    assert prod.one(DROPLET).inputs["sshKeys"] == [prod_key.state["fingerprint"]]
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_cloudflare_zone_is_looked_up_by_the_domain_name(stack: str) -> None:
+    from pulumi.runtime.mocks import MockCallArgs
+
+    from infra.offline import NAME_SERVERS, StandInCloud
+
+    run = offline_run(stack)
+    (lookup,) = run.invokes(GET_ZONE)
+    assert lookup.args["filter"]["name"] == run.settings.domain
+    assert lookup.args["filter"].get("match", "all") == "all"
+    # Every record goes into the zone that lookup answered, and its name servers are the output.
+    answer, _ = StandInCloud().call(MockCallArgs(GET_ZONE, lookup.args, ""))
+    assert {r.inputs["zoneId"] for r in run.of_type(DNS_RECORD)} == {answer["zoneId"]}
+    assert run.outputs["nameServers"] == NAME_SERVERS
+
+
+def strings_in(value: Any) -> list[str]:
+    """Every string inside an input, however deeply nested."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings_in(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings_in(v)]
+    return []
+
+
+def server_secrets(run: OfflineRun) -> dict[str, str]:
+    """The credentials the server gets, as the stand-in clouds generated them."""
+    found = {
+        "DKIM private key": run.named("dkim-key").state["privateKeyPem"],
+        "certbot token": run.one("cloudflare:index/apiToken:ApiToken").state["value"],
+    }
+    if run.settings.relay.value == "ses":
+        found["SES SMTP password"] = run.one("aws:iam/accessKey:AccessKey").state["sesSmtpPasswordV4"]
+    if run.settings.relay.value == "smtp2go":
+        found["SMTP2GO password"] = run.settings.smtp2go_password.reveal()
+    return found
+
+
+@pytest.mark.parametrize(("stack", "relay"), list(product(("dev", "prod"), ("ses", "smtp2go"))))
+def test_server_credentials_reach_the_server_only_on_the_apply_steps_secret_stdin(stack: str, relay: str) -> None:
+    run = offline_run(stack, relay=relay, **({"smtp2goUsername": "mailroom-user"} if relay == "smtp2go" else {}))
+    found = server_secrets(run)
+    assert len(found) == 3 and all(len(v) >= 16 for v in found.values())
+    apply = commands(run)["apply-bundle"]
+    assert "stdin" in apply.secret_inputs
+    contents = [f["content"] for f in json.loads(apply.inputs["stdin"])["files"]]
+    for what, secret in found.items():
+        assert any(secret in c for c in contents), f"the {what} is not in the bundle"
+        # The secret itself, and each line of a multi-line one (a PEM re-encoded elsewhere).
+        needles = [secret] + [line for line in secret.splitlines() if len(line) >= 16 and "-----" not in line]
+        for r in run.resources:
+            for key, value in r.inputs.items():
+                if r is apply and key == "stdin":
+                    continue
+                for text in strings_in(value):
+                    assert not any(n in text for n in needles), f"the {what} is in {r.name}'s {key}"
+    user_data = run.one(DROPLET).inputs["userData"]
+    for step in commands(run).values():
+        for what, secret in found.items():
+            assert secret not in step.inputs["create"] and secret not in user_data, what
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_ses_identity_uses_easy_dkim_and_its_three_cnames_are_on_cloudflare(stack: str) -> None:
+    run = offline_run(stack)
+    identity = run.one(EMAIL_IDENTITY)
+    signing = identity.inputs["dkimSigningAttributes"]
+    # Easy DKIM: SES makes and rotates the keys; no BYODKIM private key or selector is given.
+    assert "domainSigningPrivateKey" not in signing and "domainSigningSelector" not in signing
+    assert signing == {"nextSigningKeyLength": "RSA_2048_BIT"}
+    assert "dkimSigningAttributes" not in identity.secret_inputs
+    tokens = identity.state["dkimSigningAttributes"]["tokens"]
+    assert len(tokens) == 3
+    domain = run.settings.domain
+    ses_cnames = {
+        r.inputs["name"]: r.inputs["content"]
+        for r in run.of_type(DNS_RECORD)
+        if r.inputs["type"] == "CNAME" and r.inputs["content"].endswith(".dkim.amazonses.com")
+    }
+    assert ses_cnames == {f"{t}._domainkey.{domain}": f"{t}.dkim.amazonses.com" for t in tokens}
+    for relay in ("smtp2go", "direct"):
+        other = run_for(stack, relay, run.settings.spam_filter.value)
+        assert not [r for r in other.of_type(DNS_RECORD) if "amazonses" in str(r.inputs.get("content"))]
+
+
+def engine_view(stack_text: str, tmp_path: Path, stack: str = "leaky") -> tuple[dict[str, str], list[str]]:
+    """What the Pulumi engine hands the program for a stack file: config strings, and the keys it
+    decrypted (those the file holds as `secure:`); encrypted values decrypt to stand-ins here."""
+    from infra.offline import engine_config
+    from infra.stack import stack_config
+
+    (tmp_path / f"Pulumi.{stack}.yaml").write_text(stack_text)
+    document = yaml.safe_load(stack_text)["config"]
+    secure = [k for k, v in document.items() if isinstance(v, dict) and "secure" in v]
+    return engine_config(stack_config(stack, project_dir=tmp_path)), secure
+
+
+def dev_config() -> tuple[dict[str, str], list[str]]:
+    from infra.offline import engine_config
+    from infra.stack import stack_config
+
+    return engine_config(stack_config("dev")), ["mailroom:passwordHashes"]
+
+
+def test_the_real_entry_declares_the_stack_from_the_engines_config() -> None:
+    from infra.offline import run_entry
+
+    config, secret = dev_config()
+    entry = run_entry("dev", config, secret)
+    assert entry.error is None
+    assert sorted((r.type, r.name) for r in entry.resources) == sorted(
+        (r.type, r.name) for r in offline_run("dev").resources
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"mailroom:relay": "pigeon"}, "relay: 'pigeon' is not accepted; accepted: ses, smtp2go, direct"),
+        ({"mailroom:volumeSizeGb": "lots"}, "volumeSizeGb: 'lots' is not an integer"),
+        ({"mailroom:backups": "sometimes"}, "backups: 'sometimes'"),
+        ({"mailroom:relayy": "ses"}, "relayy: not a mailroom setting; did you mean 'relay'?"),
+        ({"mailroom:hostName": "mail.example.com"}, "hostName: 'mail.example.com' is outside the domain example.net"),
+        ({"mailroom:adminCidrs": '["0.0.0.0/0"]'}, "adminCidrs[0]: '0.0.0.0/0' is open to the whole internet"),
+    ],
+)
+def test_the_real_entry_refuses_bad_settings_before_declaring_anything(given: dict[str, str], message: str) -> None:
+    from infra import offline
+
+    config, secret = dev_config()
+    before = dict(offline._GENERATED)
+    entry = offline.run_entry("dev", config | given, secret)
+    assert isinstance(entry.error, SettingsError)
+    assert message in str(entry.error)
+    assert entry.resources == []
+    assert before == offline._GENERATED
+
+
+def test_the_real_entry_refuses_a_secret_stored_in_plain_text(tmp_path: Path) -> None:
+    from infra.offline import run_entry
+
+    dev = (Path(__file__).resolve().parent.parent / "Pulumi.dev.yaml").read_text()
+    relay = "  mailroom:relay: smtp2go\n  mailroom:smtp2goUsername: mailroom-user\n"
+    encrypted = "  mailroom:passwordHashes:\n    secure: v1:AAAABBBBCCCCDDDD\n"
+    # The password typed into the stack file instead of `pulumi config set --secret`.
+    leaked = dev + relay + encrypted + "  mailroom:smtp2goPassword: hunter2hunter2\n"
+    config, secure = engine_view(leaked, tmp_path)
+    assert secure == ["mailroom:passwordHashes"] and config["mailroom:smtp2goPassword"] == "hunter2hunter2"
+    entry = run_entry("leaky", config, secure)
+    assert isinstance(entry.error, SettingsError)
+    assert str(entry.error).count("\n  - ") == 1
+    assert (
+        "smtp2goPassword: stored in plain text in the stack file; set it again with "
+        "pulumi config set --secret smtp2goPassword"
+    ) in str(entry.error)
+    assert "hunter2" not in str(entry.error)
+    assert entry.resources == []
+
+    # The same password set with --secret: the entry accepts it and declares the stack.
+    config, secure = engine_view(
+        dev + relay + encrypted + "  mailroom:smtp2goPassword:\n    secure: v1:EEEE\n", tmp_path
+    )
+    config["mailroom:smtp2goPassword"] = "hunter2hunter2"  # what the engine decrypts it to
+    entry = run_entry("leaky", config, [*secure])
+    assert entry.error is None and entry.resources
