@@ -148,7 +148,7 @@ def test_auth_is_not_offered_before_tls(lab: control.LabInfo) -> None:
 
 
 def test_spam_goes_to_junk(lab: control.LabInfo) -> None:
-    if lab.overrides["spamFilter"] == "rspamd":
+    if lab.overrides.get("spamFilter", "spamassassin") == "rspamd":
         pytest.skip(
             "rspamd 3.4 answers GTUBE with reject (tested below); its add-header test patterns need "
             "gtube_patterns = all, which rspamd says is not for production"
@@ -161,7 +161,7 @@ def test_spam_goes_to_junk(lab: control.LabInfo) -> None:
 
 
 def test_rspamd_refuses_the_reject_gtube_with_a_5xx(lab: control.LabInfo) -> None:
-    if lab.overrides["spamFilter"] != "rspamd":
+    if lab.overrides.get("spamFilter", "spamassassin") != "rspamd":
         pytest.skip("SpamAssassin marks GTUBE as spam (Junk) rather than refusing it")
     user, _ = alice(lab)
     with pytest.raises(smtplib.SMTPDataError) as refused:
@@ -256,13 +256,27 @@ def test_every_tls_port_serves_the_certificate_certbot_obtained(lab: control.Lab
     assert set(names) == {"mail.example.net", "mta-sts.example.net", "autoconfig.example.net"}
 
 
-def learned_spam(lab: control.LabInfo) -> int:
-    if lab.overrides["spamFilter"] == "spamassassin":
+def learned(lab: control.LabInfo, kind: str = "spam") -> int:
+    """How many messages the filter's Bayes has learned as KIND (spam or ham)."""
+    if lab.overrides.get("spamFilter", "spamassassin") == "spamassassin":
         dump = control.guest("sudo sa-learn --dump magic", lab).stdout
-        return next((int(line.split()[2]) for line in dump.splitlines() if line.endswith("nspam")), 0)
+        return next((int(line.split()[2]) for line in dump.splitlines() if line.endswith(f"n{kind}")), 0)
     # rspamd's Bayes keeps its counters in Redis (`rspamc stat` refreshes them only periodically).
-    count = control.guest("redis-cli HGET RS learns_spam", lab).stdout.strip()
+    count = control.guest(f"redis-cli HGET RS learns_{kind}", lab).stdout.strip()
     return int(count) if count.isdigit() else 0
+
+
+def learned_spam(lab: control.LabInfo) -> int:
+    return learned(lab, "spam")
+
+
+def wait_for_learning(lab: control.LabInfo, kind: str, before: int) -> int:
+    import time
+
+    deadline = time.monotonic() + 30
+    while learned(lab, kind) <= before and time.monotonic() < deadline:
+        time.sleep(1)
+    return learned(lab, kind)
 
 
 def test_moving_mail_into_junk_teaches_the_filter(lab: control.LabInfo) -> None:
@@ -284,12 +298,31 @@ def test_moving_mail_into_junk_teaches_the_filter(lab: control.LabInfo) -> None:
             assert imap.copy(found[0].split()[-1], "Junk")[0] == "OK"
 
     control.in_netns(control.WORLD_NS, move)
+    assert wait_for_learning(lab, "spam", before) == before + 1
+
+
+def test_moving_mail_out_of_junk_teaches_the_filter_it_is_ham(lab: control.LabInfo) -> None:
+    """A message the filter wrongly put in Junk (here saved there by the user's client), moved
+    back to INBOX: IMAPSieve hands it to the filter as ham."""
+    import imaplib
     import time
 
-    deadline = time.monotonic() + 30
-    while learned_spam(lab) <= before and time.monotonic() < deadline:
-        time.sleep(1)
-    assert learned_spam(lab) == before + 1
+    from infra.lab.mail import unverified
+
+    user, password = alice(lab)
+    msg = message(f"dana@{REMOTE_DOMAIN}", user, "the minutes of Tuesday", body="Minutes attached, as agreed.\n")
+    before = learned(lab, "ham")
+
+    def rescue() -> None:
+        with imaplib.IMAP4_SSL(DROPLET_IPV4, 993, ssl_context=unverified(), timeout=60) as imap:
+            imap.login(user, password)
+            assert imap.append("Junk", "", imaplib.Time2Internaldate(time.time()), msg.as_bytes())[0] == "OK"
+            imap.select("Junk")
+            _, found = imap.search(None, "HEADER", "Message-ID", msg["Message-ID"])
+            assert imap.copy(found[0].split()[-1], "INBOX")[0] == "OK"
+
+    control.in_netns(control.WORLD_NS, rescue)
+    assert wait_for_learning(lab, "ham", before) == before + 1
 
 
 def test_a_bundle_failing_its_checks_is_refused_and_the_server_keeps_working(lab: control.LabInfo) -> None:

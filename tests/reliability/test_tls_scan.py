@@ -1,11 +1,13 @@
 """Case 11: what a TLS scanner sees. testssl, run from the outside world against the lab host on
 25, 465, 587, 993 and 443, finds no protocol below TLS 1.2 on submission, IMAP and HTTPS (port
 25 keeps older TLS for opportunistic STARTTLS with other servers, but never SSL), no NULL,
-anonymous, export or RC4 cipher anywhere, and the certificate for the mail host's name.
+anonymous, export or RC4 cipher anywhere, and the certificate for the mail host's name, chained
+to the ACME CA's root (pebble's, given to testssl as Let's Encrypt's is in its trust stores).
+Scanned in both spam filter modes: each is its own host.
 
 testssl checks protocols (-p), cipher categories (-s), RC4 (-4) and the certificate (-S), not
 each cipher one by one; the five scans run side by side. testssl exits non-zero offline, so its
-JSON findings are read instead, and kept in .lab-artifacts/testssl/ for a reader to look at.
+JSON findings are read instead, and kept in .lab-artifacts/testssl/MODE/ for a reader to look at.
 """
 
 from __future__ import annotations
@@ -49,18 +51,15 @@ def scan_argv(port: int, jsonfile: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def scans(lab: LabInfo) -> dict[int, dict[str, dict[str, Any]]]:
     """testssl's findings per port, by id."""
-    if lab.overrides.get("spamFilter", "spamassassin") != "spamassassin":
-        pytest.skip(
-            "the TLS settings (Postfix, Dovecot, nginx) do not depend on the spam filter: scanned once, in spamassassin mode"
-        )
     if shutil.which("testssl") is None:
         pytest.skip("testssl is not installed (Debian package testssl.sh, requirements-lab-debian.txt)")
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
-    files = {port: ARTIFACTS / f"{port}.json" for port in PORTS}
+    kept = ARTIFACTS / lab.overrides.get("spamFilter", "spamassassin")  # one directory per mode
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True)
+    files = {port: kept / f"{port}.json" for port in PORTS}
     running = []
     for port, path in files.items():
-        with (ARTIFACTS / f"{port}.txt").open("w") as log:
+        with (kept / f"{port}.txt").open("w") as log:
             running.append(subprocess.Popen(scan_argv(port, path), stdout=log, stderr=subprocess.STDOUT))
     for process in running:
         try:
@@ -69,7 +68,7 @@ def scans(lab: LabInfo) -> dict[int, dict[str, dict[str, Any]]]:
             process.kill()
     findings = {}
     for port, path in files.items():
-        assert path.exists(), f"testssl wrote no findings for port {port}; see {ARTIFACTS / f'{port}.txt'}"
+        assert path.exists(), f"testssl wrote no findings for port {port}; see {kept / f'{port}.txt'}"
         found = {f["id"]: f for f in json.loads(path.read_text())}
         problems = [f["finding"] for f in found.values() if f["id"] == "scanProblem"]
         assert not problems and "scanTime" in found, f"the scan of port {port} did not finish: {problems}"
