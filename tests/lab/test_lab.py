@@ -150,14 +150,94 @@ def test_auth_is_not_offered_before_tls(lab: control.LabInfo) -> None:
 def test_spam_goes_to_junk(lab: control.LabInfo) -> None:
     if lab.overrides.get("spamFilter", "spamassassin") == "rspamd":
         pytest.skip(
-            "rspamd 3.4 answers GTUBE with reject (tested below); its add-header test patterns need "
-            "gtube_patterns = all, which rspamd says is not for production"
+            "rspamd refuses GTUBE outright (tested below); its add-header range is tested with a scored message"
         )
     user, password = alice(lab)
     msg = message(f"dana@{REMOTE_DOMAIN}", user, "spam test", body=f"{GTUBE}\n")
     send_inbound(msg)
     assert find(user, password, msg["Message-ID"], folder="Junk") is not None
     assert find(user, password, msg["Message-ID"], folder="INBOX", wait=0) is None
+
+
+def test_rspamd_files_mail_it_scores_as_spam_into_junk(lab: control.LabInfo) -> None:
+    """Between rspamd's add-header (6) and reject (15) scores: marked, delivered, filed into
+    Junk by the global Sieve rule. rspamd's non-reject GTUBE patterns are off in production
+    builds, so the message earns its score as spam does (rspamd 3.4, Debian 12: all-caps
+    subject 3, no Message-ID 2.5, no Date 1, a link to a bare IP 1, HTML only 0.2)."""
+    if lab.overrides.get("spamFilter", "spamassassin") != "rspamd":
+        pytest.skip("SpamAssassin's Junk filing is proven with GTUBE above")
+    import imaplib
+    import time
+
+    from infra.lab.mail import unverified
+
+    user, password = alice(lab)
+    tag = f"SUSPENDED{time.time_ns()}"
+    raw = scored_spam(f"dana@{REMOTE_DOMAIN}", user, tag)
+
+    def send() -> None:
+        with smtplib.SMTP(DROPLET_IPV4, 25, local_hostname=f"mx.{REMOTE_DOMAIN}",
+                          source_address=(control.REMOTE_IP, 0), timeout=60) as smtp:  # fmt: skip
+            smtp.starttls(context=unverified())
+            smtp.sendmail(f"dana@{REMOTE_DOMAIN}", [user], raw.encode())
+
+    def filed() -> tuple[str, str] | None:
+        deadline = time.monotonic() + 60
+        with imaplib.IMAP4_SSL(DROPLET_IPV4, 993, ssl_context=unverified(), timeout=60) as imap:
+            imap.login(user, password)
+            while time.monotonic() < deadline:
+                for folder in ("Junk", "INBOX"):
+                    imap.select(folder, readonly=True)
+                    _, found = imap.search(None, "SUBJECT", tag)
+                    if found[0]:
+                        _, data = imap.fetch(found[0].split()[-1], "(BODY.PEEK[HEADER])")
+                        return folder, bytes(data[0][1]).decode()  # type: ignore[index]
+                time.sleep(0.5)
+        return None
+
+    control.in_netns(control.WORLD_NS, send)
+    where = control.in_netns(control.WORLD_NS, filed)
+    assert where is not None, "the message was not delivered"
+    folder, headers = where
+    assert "X-Rspamd-Action: add header" in headers and "X-Spam: Yes" in headers, headers
+    assert folder == "Junk"
+
+
+def test_mail_from_a_logged_in_user_is_relayed_unscanned(lab: control.LabInfo) -> None:
+    """Outbound mail is signed, not filtered: a message that would be marked as spam if it came
+    in from outside (and more so from an address without reverse DNS, as here) reaches the
+    relay with no spam verdict. (rspamd refuses GTUBE itself from anyone: it is checked before
+    any setting applies.)"""
+    import time
+
+    from infra.lab.mail import SUBMISSION_PORT, unverified
+
+    user, password = alice(lab)
+    tag = f"SUSPENDED{time.time_ns()}"
+
+    def send() -> None:
+        with smtplib.SMTP(DROPLET_IPV4, SUBMISSION_PORT, timeout=60) as smtp:
+            smtp.starttls(context=unverified())
+            smtp.login(user, password)
+            smtp.sendmail(user, [f"dana@{REMOTE_DOMAIN}"], scored_spam(user, f"dana@{REMOTE_DOMAIN}", tag).encode())
+
+    control.in_netns(control.WORLD_NS, send)
+    accepted = relayed(lab, tag)
+    assert accepted is not None, "the SES stand-in received nothing"
+    headers = accepted.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].lower()
+    for verdict in (b"x-spam", b"x-rspamd-action", b"x-spamd-result"):
+        assert verdict not in headers, f"the relayed message carries a spam verdict ({verdict.decode()})"
+    assert b"dkim-signature:" in headers
+
+
+def scored_spam(sender: str, recipient: str, tag: str) -> str:
+    """A message spam-like in its form alone (no Message-ID, no Date, all-caps subject, HTML only
+    with a link to a bare IP address), for rspamd 3.4 about 7 points from a known server."""
+    return (
+        f'From: "Account Security" <{sender}>\r\nTo: {recipient}\r\n'
+        f"Subject: URGENT!!! YOUR ACCOUNT IS {tag}\r\nMIME-Version: 1.0\r\nContent-Type: text/html\r\n\r\n"
+        '<html><body><a href="http://203.0.113.99/login">Verify your account now</a></body></html>\r\n'
+    )
 
 
 def test_rspamd_refuses_the_reject_gtube_with_a_5xx(lab: control.LabInfo) -> None:
