@@ -17,15 +17,26 @@ The script
 1. refuses a malformed bundle (exit 2) before touching anything;
 2. installs missing ``packages`` (apt runs only when there is something to do;
    ``MAILROOM_APT_GET`` and ``MAILROOM_DPKG_QUERY`` replace the executables, for tests);
-3. writes only the files whose content, mode, owner or group differ, atomically, secret ones
-   never readable by others while written, and removes the files a previous apply installed
-   (recorded in ``/var/lib/mailroom/applied.json``) that left the bundle, and no others;
-4. for every service owning a changed path (the path starts with one of its ``paths``), runs its
-   ``prepare`` then its ``check`` commands (``/bin/sh -c``); if one fails, puts every file of this
-   apply back as it was, runs the prepare commands again on the restored files, reloads nothing,
-   names the service, the command and its output on stderr, and exits 1: a bad bundle leaves the
-   running server as it was;
-5. otherwise reloads each changed service once, in bundle order, records what it installed, then
+3. finds the files whose content, mode, owner or group differ, and the files a previous apply
+   installed (recorded in ``/var/lib/mailroom/applied.json``) that left the bundle, and no others;
+4. for every service owning one of those paths (the path starts with one of its ``paths``), runs
+   its ``prepare`` then its ``check`` commands (``/bin/sh -c``, bundle order) on the new files
+   *before* any of them is live: in a private mount namespace (a forked child,
+   ``unshare(CLONE_NEWNS)``, every mount private) where an overlay over each of the services'
+   directories (a path ending in ``/``; for a single file, or a directory that does not exist yet,
+   the nearest existing directory above it) shows the new files, and not those leaving the
+   bundle, at their normal paths. The overlays' upper layers live on a tmpfs of that namespace:
+   what the commands write under those directories (postmap's .db, newaliases, compiled sieve)
+   vanishes with it, and the running daemons and the live files never see any of it (a prepare
+   step's writes elsewhere, such as useradd's or install -d's, are real: they are idempotent
+   setup). If one fails, nothing was installed: it names the service, the command, the new files
+   it refused and the command's output on stderr, reloads nothing and exits 1: a bad bundle leaves
+   the running server as it was;
+5. only then writes those files, atomically, secret ones never readable by others while written,
+   removes those that left the bundle, and runs the ``prepare`` commands again, on the live files;
+   if one fails now, puts every file of this apply back as it was, runs the prepare commands again
+   on the restored files, reloads nothing and exits 1;
+6. otherwise reloads each changed service once, in bundle order, records what it installed, then
    purges the installed ``absent_packages`` (only now: the daemon being replaced keeps running
    until its successor's files passed their checks and were loaded), and prints one JSON line:
    ``{"changed": [paths], "reloaded": [services], "installed": [packages],
@@ -44,6 +55,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import dataclasses
 import fcntl
 import grp
 import itertools
@@ -69,6 +82,14 @@ LOCK = "/var/lib/mailroom/apply.lock"
 COMMAND_TIMEOUT = float(os.environ.get("MAILROOM_COMMAND_TIMEOUT", "900"))
 OUTPUT_TAIL = 4000
 PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?")
+# Where the checks' namespace mounts its tmpfs (an empty directory outside of it).
+STAGE = "/var/lib/mailroom/stage"
+NOTHING_INSTALLED = "nothing was installed and nothing was reloaded."
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+# overlayfs splits its options on these.
+UNSAFE_IN_OPTIONS = re.compile(r"[,:\\]")
 
 
 class BundleError(ValueError):
@@ -516,6 +537,196 @@ def affected(plan: Plan, changed: list[str]) -> list[Daemon]:
     return [d for d in plan.daemons if any(d.owns(p) for p in changed)]
 
 
+# --- checking the new files before they are live ----------------------------------------------
+
+
+def _libc_call(name: str, *args: object) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}: {os.strerror(errno)}")
+
+
+def _mount(source: str, target: Path, fstype: str | None, flags: int, options: str | None) -> None:
+    try:
+        _libc_call(
+            "mount",
+            ctypes.c_char_p(source.encode()),
+            ctypes.c_char_p(os.fsencode(target)),
+            ctypes.c_char_p(fstype.encode() if fstype else None),
+            ctypes.c_ulong(flags),
+            ctypes.c_char_p(options.encode() if options else None),
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, f"mounting {fstype or source} on {target}: {os.strerror(exc.errno or 0)}") from None
+
+
+def _nearest_directory(path: Path, root: Path) -> Path:
+    while path != root and not path.is_dir():
+        path = path.parent
+    return path
+
+
+def overlay_targets(root: Path, daemons: list[Daemon]) -> list[Path]:
+    """The live directories the checks' namespace covers with an overlay: each service directory,
+    or for a single file, or a directory not made yet, the nearest existing directory above it;
+    only the outermost of nested ones (its overlay shows the deeper ones' new files too)."""
+    wanted = set()
+    for daemon in daemons:
+        for prefix in daemon.paths:
+            live = root / prefix.lstrip("/")
+            wanted.add(_nearest_directory(live if prefix.endswith("/") else live.parent, root))
+    targets: list[Path] = []
+    for target in sorted(wanted, key=lambda t: len(t.parts)):
+        if not any(target.is_relative_to(outer) for outer in targets):
+            targets.append(target)
+    for target in targets:
+        if target == Path("/"):
+            raise ApplyError("a service's files lie directly under /: mailroom cannot check them apart from it")
+        if UNSAFE_IN_OPTIONS.search(str(target)):
+            raise ApplyError(f"{target}: mailroom cannot check files under a path with ',', ':' or '\\'")
+    return targets
+
+
+def _same_attributes(directory: Path, like: Path) -> None:
+    st = like.stat()
+    os.chown(directory, st.st_uid, st.st_gid)
+    directory.chmod(stat.S_IMODE(st.st_mode))
+
+
+def _stage_path(target: Path, upper: Path, relative: Path) -> Path:
+    """upper/relative's directories, each with the mode and owner of its live counterpart (the
+    overlay shows the upper one's), or 0755 root as install_files would make it."""
+    staged, live = upper, target
+    for part in relative.parent.parts:
+        staged, live = staged / part, live / part
+        if not staged.exists():
+            if live.is_symlink() or (live.exists() and not live.is_dir()):
+                raise ApplyError(f"{live} is not a directory on this server; mailroom cannot check the files below it")
+            staged.mkdir(mode=0o755)  # as make_parents makes it (umask 022)
+            if live.is_dir():
+                _same_attributes(staged, live)
+    return upper / relative
+
+
+def stage(
+    plan: Plan,
+    root: Path,
+    ids: dict[str, tuple[int, int]],
+    before: dict[str, OnDisk],
+    targets: list[Path],
+    stage_dir: Path,
+) -> None:
+    """In this (private) namespace: a tmpfs on stage_dir and, over each target, an overlay whose
+    upper layer holds the changed files below it, and a whiteout for each file leaving the bundle."""
+    _mount("tmpfs", stage_dir, "tmpfs", 0, "mode=0700")
+    files = {f.path: f for f in plan.files}
+    for index, target in enumerate(targets):
+        upper, work = stage_dir / str(index) / "upper", stage_dir / str(index) / "work"
+        upper.mkdir(parents=True)
+        work.mkdir()
+        _same_attributes(upper, target)
+        for path in sorted(before):
+            live = root / path.lstrip("/")
+            if not live.is_relative_to(target):
+                continue
+            staged = _stage_path(target, upper, live.relative_to(target))
+            if path in files:
+                write(staged, files[path].content, files[path].mode, *ids[path])
+            else:
+                os.mknod(staged, stat.S_IFCHR | 0o600, os.makedev(0, 0))  # overlayfs: "removed here"
+        _mount("overlay", target, "overlay", 0, f"lowerdir={target},upperdir={upper},workdir={work}")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    daemon: str
+    command: str
+    status: int | None
+    output: str
+
+
+def _checks(daemons: list[Daemon], env: dict[str, str]) -> Refusal | None:
+    for daemon in daemons:
+        for command in (*daemon.prepare, *daemon.check):
+            status, output = shell(command, env)
+            if status != 0:
+                return Refusal(daemon.name, command, status, output[-OUTPUT_TAIL:])
+    return None
+
+
+def cannot_check(reason: str) -> str:
+    return f"cannot check the new files apart from the live ones: {reason}\n{NOTHING_INSTALLED}"
+
+
+def check_staged(
+    plan: Plan,
+    root: Path,
+    ids: dict[str, tuple[int, int]],
+    before: dict[str, OnDisk],
+    daemons: list[Daemon],
+    env: dict[str, str],
+) -> Refusal | None:
+    """Run the daemons' prepare and check commands, in bundle order, on the new files seen at their
+    normal paths in a private mount namespace (a forked child); the first that fails, if any.
+    Outside that namespace nothing changes but what the commands themselves write beyond the
+    overlays (useradd, install -d); the overlays, their tmpfs and all written there end with it."""
+    runs = [d for d in daemons if d.prepare or d.check]
+    if not runs:
+        return None
+    try:
+        targets = overlay_targets(root, runs)
+    except ApplyError as exc:
+        raise ApplyError(cannot_check(str(exc))) from None
+    stage_dir = root / STAGE.lstrip("/")
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        stage_dir.mkdir(mode=0o700)
+    reader, writer = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: it never returns
+        os.close(reader)
+        try:
+            _libc_call("unshare", ctypes.c_int(CLONE_NEWNS))
+            # Private: no mount made here reaches the host's namespace (systemd makes / shared).
+            _mount("none", Path("/"), None, MS_REC | MS_PRIVATE, None)
+            stage(plan, root, ids, before, targets, stage_dir)
+            refusal = _checks(runs, env)
+            answer: dict[str, Any] = {"refusal": dataclasses.asdict(refusal) if refusal else None}
+        except BaseException as exc:  # every failure must reach the parent
+            answer = {"error": str(exc) if isinstance(exc, (ApplyError, OSError)) else repr(exc)}
+        with contextlib.suppress(BaseException), os.fdopen(writer, "w") as stream:
+            json.dump(answer, stream)
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as stream:
+        text = stream.read()
+    _, wait_status = os.waitpid(pid, 0)
+    with contextlib.suppress(OSError):
+        stage_dir.rmdir()
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = {"error": f"the checks' process ended without an answer (wait status {wait_status})"}
+    if answer.get("error"):
+        raise ApplyError(cannot_check(answer["error"]))
+    refusal = answer["refusal"]
+    return Refusal(**refusal) if refusal else None
+
+
+def refused(refusal: Refusal, plan: Plan, changed: list[str]) -> str:
+    daemon = next(d for d in plan.daemons if d.name == refusal.daemon)
+    own = [p for p in changed if daemon.owns(p)]
+    shown = ", ".join(own[:8]) + (f" and {len(own) - 8} more" if len(own) > 8 else "")
+    what = f"`{refusal.command}` on the new {shown}"
+    return (
+        f"service {refusal.daemon}: {failure(what, refusal.status, refusal.output)}\n"
+        f"the new files were refused before any was live: {NOTHING_INSTALLED}"
+    )
+
+
 def preview(plan: Plan, root: Path) -> dict[str, Any]:
     """What an apply would do, touching nothing. A file whose owner a missing package would
     create counts as changed."""
@@ -540,22 +751,26 @@ def apply(plan: Plan, root: Path) -> tuple[dict[str, Any], list[str]]:
         raise BundleError(f"file {path}: {problem} on this server")
     previously, pending = read_state(root)
     before = survey(plan, root, ids, previously)
+    changed = sorted(before)
+    touched = affected(plan, changed)
+    refusal = check_staged(plan, root, ids, before, touched, env)
+    if refusal:
+        raise ApplyError(refused(refusal, plan, changed))
     try:
         created = install_files(plan, root, ids, before)
     except OSError as exc:
         raise ApplyError(f"writing {exc.filename}: {exc.strerror}; the previous files are back in place") from None
-    changed = sorted(before)
-    touched = affected(plan, changed)
 
+    # The checks passed on the new files; the derived files (postmap's .db, compiled sieve) follow
+    # them on the live side now.
     prepared: list[Daemon] = []
     for daemon in touched:
         if daemon.prepare:
             prepared.append(daemon)
-        for command in (*daemon.prepare, *daemon.check):
+        for command in daemon.prepare:
             status, output = shell(command, env)
             if status != 0:
                 problems = restore(root, before, created)
-                # Derived files (postmap's .db, compiled sieve) must follow the restored sources.
                 for again in prepared:
                     for step in again.prepare:
                         redo, redo_output = shell(step, env)
@@ -564,7 +779,7 @@ def apply(plan: Plan, root: Path) -> tuple[dict[str, Any], list[str]]:
                                 failure(f"service {again.name}: `{step}` on the restored files", redo, redo_output)
                             )
                 message = (
-                    f"service {daemon.name}: {failure(f'`{command}`', status, output)}\n"
+                    f"service {daemon.name}: {failure(f'`{command}` on the installed files', status, output)}\n"
                     "the previous files are back in place and nothing was reloaded."
                 )
                 if problems:

@@ -2,8 +2,10 @@
 
 A `Bundle` is plain data. The server render (infra.server) produces it from settings and
 secrets; the provisioning component sends it, as JSON on the stdin of one remote command, to
-the apply script (cloud_init/apply.py), which installs the files, runs each service's checker,
-rolls back a service whose check fails, and reloads only the services whose files changed.
+the apply script (cloud_init/apply.py), which first runs each changed service's prepare steps
+and checker on the new files in a private mount namespace (the new files overlaid on the live
+directories, so nothing live changes), installs the files only if every check passed, and
+reloads only the services whose files changed.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ class Service:
 
     name: str
     paths: tuple[str, ...]
-    # Run after the new files are in place (e.g. postmap); a failure counts as a failed check.
+    # Run on the new files (e.g. postmap): staged first, and again once installed; a failure refuses them.
     prepare: tuple[str, ...] = ()
-    # The daemon's own checker; non-zero exit = refuse the files and restore the previous ones.
+    # The daemon's own checker, on the staged files; non-zero exit = refuse them, nothing installed.
     check: tuple[str, ...] = ()
     # Run when one of its files changed and every check passed (e.g. systemctl reload postfix).
     reload: str = ""

@@ -22,6 +22,9 @@ BASE = (
     "python3-systemd",
     "nftables",
     "unattended-upgrades",
+    # Rotates the mail logs under mailroom's size cap (/etc/logrotate.d/00-mailroom); Ubuntu's
+    # images have it, Debian's minimal ones may not.
+    "logrotate",
     "ca-certificates",
     "python3",
 )

@@ -25,6 +25,8 @@ SPAMD_USER = "debian-spamd"
 # spamd children: each holds ≈ 50 MB; two keep SpamAssassin within a 1 GB droplet.
 SPAMD_CHILDREN = 2
 REDIS_MAX_MEMORY = "64mb"
+# A global logrotate option (a size cap), read before rsyslog's rule for the mail logs: see the file.
+LOGROTATE_CAP = "/etc/logrotate.d/00-mailroom"
 # Blocklists postscreen scores clients against (weights: a listing of weight 3 is enough).
 DNSBL_SITES = ("zen.spamhaus.org=127.0.0.[2..11]*3", "bl.spamcop.net*2", "b.barracudacentral.org=127.0.0.2*2")
 DQS_ZONE = "{key}.zen.dq.spamhaus.net"
@@ -231,6 +233,16 @@ def services(settings: Settings) -> tuple[Service, ...]:
             "journald",
             ("/etc/systemd/journald.conf.d/",),
             reload="systemctl restart systemd-journald",
+        ),
+        Service(
+            "logrotate",
+            (LOGROTATE_CAP,),
+            # logrotate exits 0 on an unknown option, only printing "error:": its output is read too.
+            check=(
+                f"out=$(logrotate -d {LOGROTATE_CAP} 2>&1) || {{ printf '%s\\n' \"$out\" >&2; exit 1; }}; "
+                "! printf '%s\\n' \"$out\" | grep '^error:' >&2",
+            ),
+            # No reload: logrotate reads its configuration afresh at every run (logrotate.timer).
         ),
     ]
     if settings.spam_filter is SpamFilter.SPAMASSASSIN:

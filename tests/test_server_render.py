@@ -3,7 +3,8 @@
 Each bundle is written under a scratch root; paths inside the files that point at bundle files
 are moved under that root too, so `postfix check`, `doveconf`, `opendkim`, `spamassassin
 --lint`, `rspamadm configtest`, `nginx -t`, `unbound-checkconf`, `fail2ban-client -t`,
-`sievec` and `shellcheck` read exactly what the server would, from the scratch root.
+`sievec`, `shellcheck`, `php -l` and `logrotate -d` read exactly what the server would, from the
+scratch root. Each checker runs on every combination whose files it reads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import shutil
 import subprocess
 from itertools import product
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import pytest
 
@@ -27,6 +28,10 @@ COMBINATIONS = [
     pytest.param(spam, relay, webmail, id=f"{spam}-{relay}-{'webmail' if webmail else 'nowebmail'}")
     for spam, relay, webmail in product(("spamassassin", "rspamd"), ("ses", "smtp2go", "direct"), (False, True))
 ]
+# The combinations a mode-specific checker reads: its spam filter's six, or webmail's six.
+SPAMASSASSIN = [c for c in COMBINATIONS if c.values[0] == "spamassassin"]
+RSPAMD = [c for c in COMBINATIONS if c.values[0] == "rspamd"]
+WEBMAIL = [c for c in COMBINATIONS if c.values[2]]
 # Directories whose paths are moved under the scratch root inside the rendered files.
 MOVED = ("/etc/postfix/", "/etc/dovecot/", "/etc/mailroom/", "/etc/opendkim", "/etc/rspamd/", "/etc/nginx/",
          "/var/www/mailroom/", "/etc/unbound/", "/etc/fail2ban/", "/etc/letsencrypt/", "/etc/spamassassin/")  # fmt: skip
@@ -63,7 +68,7 @@ def materialize(bundle: Bundle, root: Path) -> Path:
 
 
 needs = {tool: shutil.which(tool) is not None for tool in ("postfix", "doveconf", "sievec", "opendkim", "spamassassin",
-         "rspamadm", "nginx", "unbound-checkconf", "fail2ban-client", "shellcheck", "php")}  # fmt: skip
+         "rspamadm", "nginx", "unbound-checkconf", "fail2ban-client", "shellcheck", "php", "logrotate")}  # fmt: skip
 
 
 def skip_without(tool: str) -> pytest.MarkDecorator:
@@ -72,8 +77,11 @@ def skip_without(tool: str) -> pytest.MarkDecorator:
     )
 
 
+Rendered = dict[tuple[str, str, bool], tuple[Settings, Bundle, Path]]
+
+
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, bool], tuple[Settings, Bundle, Path]]:
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
     out = {}
     for spam, relay, webmail in product(("spamassassin", "rspamd"), ("ses", "smtp2go", "direct"), (False, True)):
         settings = settings_for(spam, relay, webmail)
@@ -93,7 +101,7 @@ def postconf(root: Path) -> dict[str, str]:
 @pytest.mark.daemons
 @skip_without("postfix")
 @pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
-def test_postfix_accepts_the_configuration(rendered: dict, spam: str, relay: str, webmail: bool) -> None:  # type: ignore[type-arg]
+def test_postfix_accepts_the_configuration(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
     settings, _, root = rendered[(spam, relay, webmail)]
     for name in ("virtual_mailboxes", "virtual_aliases", "sender_logins", "sasl_passwd"):
         if (root / "etc/postfix" / name).exists():
@@ -120,8 +128,11 @@ def test_postfix_accepts_the_configuration(rendered: dict, spam: str, relay: str
 
 @pytest.mark.daemons
 @skip_without("postfix")
-def test_submission_ports_require_tls_12_and_authentication(rendered: dict) -> None:  # type: ignore[type-arg]
-    _, _, root = rendered[("spamassassin", "ses", False)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_submission_ports_require_tls_12_and_authentication(
+    rendered: Rendered, spam: str, relay: str, webmail: bool
+) -> None:
+    _, _, root = rendered[(spam, relay, webmail)]
     result = run("postconf", "-c", str(root / "etc/postfix"), "-P")
     assert result.returncode == 0, result.stderr
     services = {}
@@ -135,9 +146,10 @@ def test_submission_ports_require_tls_12_and_authentication(rendered: dict) -> N
         assert services[f"{port}/smtpd_sender_restrictions"] == "reject_sender_login_mismatch"
         assert services[f"{port}/smtpd_relay_restrictions"] == "permit_sasl_authenticated,reject"
     assert services["submissions/inet/smtpd_tls_wrappermode"] == "yes"
-    # Mail from users is signed by OpenDKIM and never passed to the spam milter.
-    assert "spamass" not in services["submission/inet/smtpd_milters"]
-    assert services["submission/inet/smtpd_milters"] == "unix:opendkim/opendkim.sock"
+    # Mail from users is signed (OpenDKIM, or rspamd that only signs it) and never passed to the spam milter.
+    signer = "unix:opendkim/opendkim.sock" if spam == "spamassassin" else "unix:rspamd/milter.sock"
+    for port in ("submission/inet", "submissions/inet"):
+        assert services[f"{port}/smtpd_milters"] == signer
     master = (root / "etc/postfix/master.cf").read_text()
     assert re.search(r"^smtp\s+inet\s.*postscreen$", master, re.M)
 
@@ -153,9 +165,9 @@ def test_sender_logins_let_users_send_as_their_aliases_only() -> None:
 
 @pytest.mark.daemons
 @skip_without("doveconf")
-@pytest.mark.parametrize("spam", ["spamassassin", "rspamd"])
-def test_dovecot_accepts_the_configuration(rendered: dict, spam: str) -> None:  # type: ignore[type-arg]
-    settings, _, root = rendered[(spam, "ses", False)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_dovecot_accepts_the_configuration(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
+    settings, _, root = rendered[(spam, relay, webmail)]
     result = run("doveconf", "-c", str(root / "etc/dovecot/dovecot.conf"), "-n")
     assert result.returncode == 0, result.stderr
     conf = result.stdout
@@ -176,9 +188,9 @@ def test_dovecot_accepts_the_configuration(rendered: dict, spam: str) -> None:  
 
 @pytest.mark.daemons
 @skip_without("sievec")
-@pytest.mark.parametrize("spam", ["spamassassin", "rspamd"])
-def test_sieve_scripts_compile(rendered: dict, spam: str) -> None:  # type: ignore[type-arg]
-    _, _, root = rendered[(spam, "ses", False)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_sieve_scripts_compile(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
+    _, _, root = rendered[(spam, relay, webmail)]
     for script in ("spam-to-junk", "learn-spam", "learn-ham"):
         path = root / "etc/dovecot/sieve" / f"{script}.sieve"
         result = run("sievec", "-c", str(root / "etc/dovecot/dovecot.conf"), str(path))
@@ -188,8 +200,9 @@ def test_sieve_scripts_compile(rendered: dict, spam: str) -> None:  # type: igno
 
 @pytest.mark.daemons
 @skip_without("opendkim")
-def test_opendkim_accepts_its_configuration_and_key(rendered: dict) -> None:  # type: ignore[type-arg]
-    _, bundle, root = rendered[("spamassassin", "ses", False)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), SPAMASSASSIN)
+def test_opendkim_accepts_its_configuration_and_key(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
+    _, bundle, root = rendered[(spam, relay, webmail)]
     result = run("opendkim", "-n", "-x", str(root / "etc/opendkim.conf"))
     assert result.returncode == 0, result.stderr + result.stdout
     key = bundle.file("/etc/opendkim/keys/mail.private")
@@ -198,8 +211,9 @@ def test_opendkim_accepts_its_configuration_and_key(rendered: dict) -> None:  # 
 
 @pytest.mark.daemons
 @skip_without("spamassassin")
-def test_spamassassin_lints_clean(rendered: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
-    _, _, root = rendered[("spamassassin", "ses", False)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), SPAMASSASSIN)
+def test_spamassassin_lints_clean(rendered: Rendered, tmp_path: Path, spam: str, relay: str, webmail: bool) -> None:
+    _, _, root = rendered[(spam, relay, webmail)]
     # SpamAssassin reads its whole site directory: Debian's plugin loaders plus our local.cf.
     siteconfig = tmp_path / "spamassassin"
     shutil.copytree("/etc/spamassassin", siteconfig)
@@ -212,8 +226,11 @@ def test_spamassassin_lints_clean(rendered: dict, tmp_path: Path) -> None:  # ty
 
 @pytest.mark.daemons
 @skip_without("rspamadm")
-def test_rspamd_accepts_its_configuration(rendered: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
-    _, bundle, root = rendered[("rspamd", "ses", False)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), RSPAMD)
+def test_rspamd_accepts_its_configuration(
+    rendered: Rendered, tmp_path: Path, spam: str, relay: str, webmail: bool
+) -> None:
+    _, bundle, root = rendered[(spam, relay, webmail)]
     confdir = tmp_path / "rspamd"
     shutil.copytree("/etc/rspamd", confdir)
     shutil.copytree(root / "etc/rspamd", confdir, dirs_exist_ok=True)
@@ -234,9 +251,9 @@ def test_rspamd_accepts_its_configuration(rendered: dict, tmp_path: Path) -> Non
 
 @pytest.mark.daemons
 @skip_without("nginx")
-@pytest.mark.parametrize("webmail", [False, True])
-def test_nginx_accepts_the_sites(rendered: dict, webmail: bool) -> None:  # type: ignore[type-arg]
-    _, _, root = rendered[("rspamd", "ses", webmail)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_nginx_accepts_the_sites(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
+    _, _, root = rendered[(spam, relay, webmail)]
     nginx = root / "etc/nginx"
     for shared in ("snippets", "fastcgi.conf", "mime.types"):
         source = Path("/etc/nginx") / shared
@@ -279,8 +296,9 @@ def test_autoconfig_names_the_host_and_ports() -> None:
 
 @pytest.mark.daemons
 @skip_without("unbound-checkconf")
-def test_unbound_accepts_the_resolver(rendered: dict) -> None:  # type: ignore[type-arg]
-    _, _, root = rendered[("rspamd", "ses", False)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_unbound_accepts_the_resolver(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
+    _, _, root = rendered[(spam, relay, webmail)]
     wrapper = root / "unbound.conf"
     wrapper.write_text(f"include: {root}/etc/unbound/unbound.conf.d/mailroom.conf\n")
     result = run("unbound-checkconf", str(wrapper))
@@ -289,8 +307,9 @@ def test_unbound_accepts_the_resolver(rendered: dict) -> None:  # type: ignore[t
 
 @pytest.mark.daemons
 @skip_without("fail2ban-client")
-def test_fail2ban_accepts_the_jails(rendered: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
-    _, _, root = rendered[("rspamd", "ses", False)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_fail2ban_accepts_the_jails(rendered: Rendered, tmp_path: Path, spam: str, relay: str, webmail: bool) -> None:
+    _, _, root = rendered[(spam, relay, webmail)]
     confdir = tmp_path / "fail2ban"
     shutil.copytree("/etc/fail2ban", confdir)
     shutil.copytree(root / "etc/fail2ban", confdir, dirs_exist_ok=True)
@@ -304,9 +323,9 @@ def test_fail2ban_accepts_the_jails(rendered: dict, tmp_path: Path) -> None:  # 
 
 @pytest.mark.daemons
 @skip_without("shellcheck")
-@pytest.mark.parametrize("spam", ["spamassassin", "rspamd"])
-def test_every_shell_script_passes_shellcheck(rendered: dict, spam: str) -> None:  # type: ignore[type-arg]
-    _, bundle, root = rendered[(spam, "ses", False)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_every_shell_script_passes_shellcheck(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
+    _, bundle, root = rendered[(spam, relay, webmail)]
     scripts = [root / f.path.lstrip("/") for f in bundle.files if f.content.startswith("#!/bin/sh")]
     assert len(scripts) >= 4
     result = run("shellcheck", "--shell=sh", *map(str, scripts))
@@ -315,8 +334,9 @@ def test_every_shell_script_passes_shellcheck(rendered: dict, spam: str) -> None
 
 @pytest.mark.daemons
 @skip_without("php")
-def test_roundcube_configuration_is_valid_php(rendered: dict) -> None:  # type: ignore[type-arg]
-    _, _, root = rendered[("rspamd", "ses", True)]
+@pytest.mark.parametrize(("spam", "relay", "webmail"), WEBMAIL)
+def test_roundcube_configuration_is_valid_php(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
+    _, _, root = rendered[(spam, relay, webmail)]
     result = run("php", "-l", str(root / "etc/roundcube/config.inc.php"))
     assert result.returncode == 0, result.stdout
 
@@ -409,7 +429,7 @@ def test_without_a_dqs_key_the_public_zone_is_used_and_main_cf_stays_readable() 
 
 @pytest.mark.daemons
 @skip_without("unbound-checkconf")
-def test_the_host_resolves_through_the_local_validating_resolver(rendered: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_the_host_resolves_through_the_local_validating_resolver(rendered: Rendered, tmp_path: Path) -> None:
     _, bundle, root = rendered[("spamassassin", "direct", False)]
     resolv = bundle.file("/etc/resolv.conf").content.splitlines()
     nameservers = [line.split()[1] for line in resolv if line.startswith("nameserver")]
@@ -438,3 +458,185 @@ def test_dovecot_waits_for_the_mail_volume() -> None:
     assert f"RequiresMountsFor={MAIL_DIR}" in drop_in.splitlines()
     (dovecot,) = [s for s in bundle.services if s.name == "dovecot"]
     assert "systemctl daemon-reload" in dovecot.prepare
+
+
+# The configuration files whose every setting carries its reason, and their comment marker; every
+# file under a prefix ending in "/" too. Data files (maps, tables, /etc/mailname, the users file),
+# scripts and Sieve programs are not configuration and are not read here.
+REASONED = {
+    "/etc/postfix/main.cf": "#",
+    "/etc/postfix/master.cf": "#",
+    "/etc/dovecot/dovecot.conf": "#",
+    "/etc/opendkim.conf": "#",
+    "/etc/unbound/unbound.conf.d/mailroom.conf": "#",
+    "/etc/resolv.conf": "#",
+    "/etc/nginx/sites-enabled/": "#",
+    "/etc/rspamd/local.d/": "#",
+    "/etc/spamassassin/local.cf": "#",
+    "/etc/default/spamd": "#",
+    "/etc/default/spamass-milter": "#",
+    "/etc/fail2ban/jail.d/mailroom.conf": "#",
+    "/etc/systemd/": "#",
+    "/etc/logrotate.d/00-mailroom": "#",
+    "/etc/cron.d/mailroom-certificate": "#",
+    "/etc/mta-sts-daemon.yml": "#",
+    "/etc/roundcube/config.inc.php": "//",
+}
+# Lines that only open a section ([Journal], unbound's "server:", YAML's "cache:", "<?php") and
+# lines that only close a block ("}", "]];").
+SECTION = re.compile(r"\[[^\]]+\]|[a-z][a-z_-]*:|<\?php")
+CLOSER = re.compile(r"[\]}),;]+")
+
+
+def unreasoned(text: str, marker: str) -> list[str]:
+    """The lines of a configuration file that break the reason rule (DESIGN.md, rule 3).
+
+    Blank lines, section lines and the end of a top-level block cut a file into paragraphs. A
+    paragraph that sets anything opens with its reason, one or more comment lines; the settings
+    below it, to the paragraph's end (inner blocks too), share that reason. A comment line never follows a setting or a
+    closing line directly: a new reason opens a new paragraph. So deleting a reason never leaves
+    its settings looking covered by the paragraph above: they are left with none, and flagged.
+    """
+    problems = []
+    reason, previous = False, "start"
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or SECTION.fullmatch(line.rstrip()):
+            reason, previous = False, "break"
+        elif stripped.startswith(marker):
+            if previous == "setting":
+                problems.append(f"{number}: a reason must open its paragraph (a blank line above it): {stripped}")
+            reason = reason or previous in ("start", "break")
+            previous = "comment"
+        elif CLOSER.fullmatch(stripped):
+            # The end of a top-level block ends its paragraph too: what follows needs a reason.
+            reason = reason and line[0].isspace()
+            previous = "setting"
+        else:
+            if not reason:
+                problems.append(f"{number}: no reason above this setting: {stripped}")
+            previous = "setting"
+    return problems
+
+
+def reasoned_files(bundle: Bundle) -> dict[str, tuple[str, str]]:
+    """Path -> (content, comment marker) of the bundle's files that the reason rule covers."""
+    chosen = {}
+    for f in bundle.files:
+        markers = [m for p, m in REASONED.items() if f.path == p or (p.endswith("/") and f.path.startswith(p))]
+        if markers:
+            chosen[f.path] = (f.content, markers[0])
+    return chosen
+
+
+def test_the_rule_flags_what_has_no_reason() -> None:
+    assert not unreasoned("# a reason\na = 1\nb {\n  c = 2\n}\n\n[x]\n# why\nd = 3\n", "#")
+    # Lines after a closed block, with no reason of their own (dovecot.conf's mail_location was).
+    assert unreasoned("# a reason\nb {\n  c = 2\n}\nd = 3\n", "#") == ["5: no reason above this setting: d = 3"]
+    # A reason squeezed below another paragraph's setting, that could be deleted unnoticed.
+    assert unreasoned("# a reason\na = 1\n# another\nb = 2\n", "#")[0].startswith("3: a reason must open")
+    # A section line ends the file's opening comment: the settings below need their own.
+    assert unreasoned("# mailroom: a file\n[Journal]\nSystemMaxUse=1G\n", "#")
+
+
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_every_setting_carries_its_reason(spam: str, relay: str, webmail: bool) -> None:
+    files = reasoned_files(render_bundle(settings_for(spam, relay, webmail), SECRETS))
+    problems = [f"{path}:{p}" for path, (content, marker) in files.items() for p in unreasoned(content, marker)]
+    assert not problems, "\n".join(problems)
+    # The rule holds for real: deleting any one reason (a run of comment lines opening settings)
+    # from any of these files is caught.
+    for path, (content, marker) in files.items():
+        lines = content.splitlines()
+        for start, line in enumerate(lines):
+            opens = start == 0 or not lines[start - 1].strip().startswith(marker)
+            if not (line.strip().startswith(marker) and opens):
+                continue
+            end = start
+            while end < len(lines) and lines[end].strip().startswith(marker):
+                end += 1
+            if end < len(lines) and lines[end].strip() and not SECTION.fullmatch(lines[end].rstrip()):
+                without = "\n".join(lines[:start] + lines[end:])
+                assert unreasoned(without, marker), f"{path}: deleting line {start + 1}'s reason goes unnoticed"
+    # The rule reads every kind of configuration file the combination has, not a lucky few.
+    expected = {"/etc/postfix/main.cf", "/etc/postfix/master.cf", "/etc/dovecot/dovecot.conf",
+                "/etc/unbound/unbound.conf.d/mailroom.conf", "/etc/nginx/sites-enabled/mailroom.conf",
+                "/etc/fail2ban/jail.d/mailroom.conf", "/etc/systemd/journald.conf.d/mailroom.conf",
+                "/etc/logrotate.d/00-mailroom"}  # fmt: skip
+    expected |= {"/etc/opendkim.conf", "/etc/spamassassin/local.cf"} if spam == "spamassassin" else set()
+    expected |= (
+        {"/etc/rspamd/local.d/actions.conf", "/etc/rspamd/local.d/worker-proxy.inc"} if spam == "rspamd" else set()
+    )
+    expected |= {"/etc/roundcube/config.inc.php"} if webmail else set()
+    assert expected <= set(files), expected - set(files)
+
+
+def test_journald_and_logrotate_cap_the_logs_for_a_25_gb_disk() -> None:
+    bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
+    journald = bundle.file("/etc/systemd/journald.conf.d/mailroom.conf").content
+    settings = [line for line in journald.splitlines() if line and not line.startswith("#")]
+    assert settings == ["[Journal]", "SystemMaxUse=500M", "MaxRetentionSec=1month"]
+    cap = bundle.file("/etc/logrotate.d/00-mailroom")
+    directives = [line for line in cap.content.splitlines() if line and not line.startswith("#")]
+    # A global option only: a rule naming /var/log/mail.log would be a duplicate of rsyslog's.
+    assert directives == ["maxsize 100M"]
+    assert sorted([PurePath(cap.path).name, "rsyslog", "apt", "dpkg", "nginx"])[0] == "00-mailroom"
+    assert (cap.mode, cap.owner, cap.secret) == (0o644, "root", False), "logrotate ignores writable files"
+    (service,) = [s for s in bundle.services if cap.path in s.paths]
+    assert service.name == "logrotate" and "logrotate -d /etc/logrotate.d/00-mailroom" in service.check[0]
+
+
+# Debian 12's /etc/logrotate.d/rsyslog (rsyslog 8.2302): the rule that already rotates the mail
+# log, weekly, whatever its size.
+RSYSLOG_RULE = """/var/log/syslog
+/var/log/mail.log
+/var/log/kern.log
+/var/log/auth.log
+/var/log/user.log
+/var/log/cron.log
+{
+\trotate 4
+\tweekly
+\tmissingok
+\tnotifempty
+\tcompress
+\tdelaycompress
+\tsharedscripts
+\tpostrotate
+\t\t/usr/lib/rsyslog/rsyslog-rotate
+\tendscript
+}
+"""
+
+
+@pytest.mark.daemons
+@skip_without("logrotate")
+@pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
+def test_logrotate_accepts_the_cap_and_applies_it_to_rsyslogs_mail_log(
+    rendered: Rendered, tmp_path: Path, spam: str, relay: str, webmail: bool
+) -> None:
+    _, _, root = rendered[(spam, relay, webmail)]
+    cap = root / "etc/logrotate.d/00-mailroom"
+    alone = run("logrotate", "-d", "-s", str(tmp_path / "status"), str(cap))
+    assert alone.returncode == 0 and "error:" not in alone.stderr, alone.stderr
+
+    # Debian's logrotate.conf with our file and rsyslog's rule in its include directory, over a
+    # mail.log of 150 MB (sparse) that rsyslog's weekly rule alone would leave growing.
+    logs, included = tmp_path / "log", tmp_path / "logrotate.d"
+    logs.mkdir()
+    included.mkdir()
+    with (logs / "mail.log").open("wb") as log:
+        log.truncate(150 * 1024 * 1024)
+    (included / "rsyslog").write_text(RSYSLOG_RULE.replace("/var/log/", f"{logs}/"))
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(f"weekly\nrotate 4\ncreate\ninclude {included}\n")
+
+    def mail_log_verdict() -> str:
+        result = run("logrotate", "-d", "-s", str(tmp_path / "status"), str(conf))
+        assert result.returncode == 0 and "error:" not in result.stderr, result.stderr
+        verdict = result.stderr.split(f"considering log {logs}/mail.log", 1)[1].split("considering log", 1)[0]
+        return verdict
+
+    assert "does not need rotating" in mail_log_verdict(), "without the cap, a week must pass"
+    shutil.copy(cap, included / cap.name)
+    assert "log needs rotating" in mail_log_verdict(), "with it, rsyslog's rule rotates a log over 100 MB"
