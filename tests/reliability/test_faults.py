@@ -311,25 +311,36 @@ def test_a_replaced_host_on_the_same_volume_keeps_every_mailbox_message_and_the_
         for outcome, msg in batch:
             send(outcome, msg, attempts=10)
 
-    def mailbox_state(login: tuple[str, str]) -> tuple[str, list[tuple[str, str]]]:
-        def look() -> tuple[str, list[tuple[str, str]]]:
+    def mailbox_state(login: tuple[str, str]) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+        """Every folder of the mailbox: its UIDVALIDITY and its messages' (UID, Message-ID)."""
+
+        def look() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+            state = {}
             with imaplib.IMAP4_SSL(DROPLET_IPV4, IMAPS_PORT, ssl_context=unverified(), timeout=30) as imap:
                 imap.login(*login)
-                _, status = imap.status("INBOX", "(UIDVALIDITY)")
-                imap.select("INBOX", readonly=True)
-                _, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
-                uids = []
-                for part in data:
-                    if isinstance(part, tuple):
-                        uid = part[0].split(b"UID ")[1].split()[0].decode()
-                        uids.append((uid, str(email.message_from_bytes(part[1])["Message-ID"]).strip()))
-                return status[0].decode(), sorted(uids)
+                _, listed = imap.list()
+                # Each line: (FLAGS) "SEPARATOR" NAME, the name quoted when it holds a space.
+                folders = [
+                    ln.decode().split(") ", 1)[1].split(" ", 1)[1].strip('"') for ln in listed if isinstance(ln, bytes)
+                ]
+                for folder in folders:
+                    _, status = imap.status(f'"{folder}"', "(UIDVALIDITY)")
+                    imap.select(f'"{folder}"', readonly=True)
+                    _, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+                    uids = []
+                    for part in data:
+                        if isinstance(part, tuple):
+                            uid = part[0].split(b"UID ")[1].split()[0].decode()
+                            uids.append((uid, str(email.message_from_bytes(part[1])["Message-ID"]).strip()))
+                    state[folder] = (status[0].decode().split("UIDVALIDITY")[-1], sorted(uids))
+            return state
 
         return control.in_netns(WORLD_NS, look)
 
     time.sleep(2)  # the last LMTP deliveries
     before = {who[0]: mailbox_state(who) for who in ((user, password), bob)}
-    assert all(messages for _, messages in before.values())
+    assert all(state["INBOX"][1] for state in before.values())
+    assert all({"INBOX", "Junk", "Sent", "Drafts", "Trash", "Archive"} <= set(state) for state in before.values())
     key_before = root(lab, DKIM_KEYS)
     old_boot = control.guest("cat /proc/sys/kernel/random/boot_id; cat /etc/machine-id", lab).stdout
 
