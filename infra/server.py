@@ -129,6 +129,8 @@ def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
         "mail_dir": MAIL_DIR,
         "message_size_limit_mb": settings.message_size_limit_mb,
         "message_size_limit_bytes": settings.message_size_limit_mb * 1024 * 1024,
+        # Room for two messages of the size limit, or the volume counts as full.
+        "storage_reserve_bytes": 2 * settings.message_size_limit_mb * 1024 * 1024,
         "mailboxes": settings.mailboxes,
         "aliases": settings.aliases,
         "sender_logins": sender_logins(settings),
@@ -175,6 +177,11 @@ def _file(path: str, content: str, settings: Settings) -> BundleFile:
     return BundleFile(path, content, mode)
 
 
+FILTER_SERVICES = ("opendkim", "spamassassin", "redis", "rspamd")
+# Postfix's policy service deferring inbound mail while the mail volume is full.
+STORAGE_POLICY = "/usr/local/sbin/mailroom-storage-policy"
+
+
 def services(settings: Settings) -> tuple[Service, ...]:
     """Each daemon with its files, its own checker and how it picks up a change."""
     postmaps = tuple(f"postmap /etc/postfix/{m}" for m in POSTFIX_MAPS)
@@ -188,9 +195,9 @@ def services(settings: Settings) -> tuple[Service, ...]:
         ),
         Service(
             "postfix",
-            ("/etc/postfix/", "/etc/aliases", "/etc/mailname"),
+            ("/etc/postfix/", "/etc/aliases", "/etc/mailname", STORAGE_POLICY),
             prepare=(*postmaps, "newaliases"),
-            check=("postfix check",),
+            check=("postfix check", f"python3 -m py_compile {STORAGE_POLICY}"),
             reload="systemctl reload-or-restart postfix",
         ),
         Service(
@@ -299,7 +306,10 @@ def services(settings: Settings) -> tuple[Service, ...]:
                 reload="systemctl reload-or-restart 'php*-fpm.service'",
             )
         )
-    return tuple(common)
+    # The apply script reloads in this order: the spam filter (and its socket) comes up before
+    # Postfix is pointed at it, so a switch of filter never leaves Postfix without its milter.
+    filters = [s for s in common if s.name in FILTER_SERVICES]
+    return (common[0], *filters, *(s for s in common[1:] if s.name not in FILTER_SERVICES))
 
 
 def render_bundle(settings: Settings, secrets: ServerSecrets) -> Bundle:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from itertools import product
 from pathlib import Path, PurePath
 
@@ -46,8 +47,8 @@ def settings_for(spam: str, relay: str, webmail: bool, **more: object) -> Settin
     )
 
 
-def run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120, cwd=cwd)
+def run(*argv: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120, cwd=cwd, input=stdin)
 
 
 def materialize(bundle: Bundle, root: Path) -> Path:
@@ -376,7 +377,30 @@ def test_changing_one_setting_changes_only_the_files_it_concerns() -> None:
     before = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
     after = render_bundle(settings_for("rspamd", "ses", False, messageSizeLimitMb=40), SECRETS)
     changed = {f.path for f in after.files if f.content != before.file(f.path).content}
-    assert changed == {"/etc/postfix/main.cf"}
+    # The size limit, and the room the storage policy keeps free (two such messages): both Postfix's.
+    assert changed == {"/etc/postfix/main.cf", "/usr/local/sbin/mailroom-storage-policy"}
+
+
+def test_the_storage_policy_defers_mail_only_while_the_volume_is_full(tmp_path: Path) -> None:
+    bundle = render_bundle(settings_for("spamassassin", "ses", False), SECRETS)
+    script = bundle.file("/usr/local/sbin/mailroom-storage-policy").content
+    assert "RESERVE_BYTES = 52428800" in script  # two messages of the default 25 MB limit
+    request = "request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=alice@example.net\n\n"
+
+    def answers(mail_dir: str, reserve: int, requests: str) -> str:
+        path = tmp_path / "policy"
+        path.write_text(script.replace('MAIL_DIR = "/var/mail/vhosts"', f'MAIL_DIR = "{mail_dir}"')
+                        .replace("RESERVE_BYTES = 52428800", f"RESERVE_BYTES = {reserve}"))  # fmt: skip
+        done = run(sys.executable, str(path), stdin=requests)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert answers(str(tmp_path), 1, request * 2) == "action=DUNNO\n\n" * 2
+    full = "action=452 4.3.1 Insufficient system storage for mail, please try again later\n\n"
+    assert answers(str(tmp_path), 2**62, request) == full
+    assert answers(str(tmp_path / "not-mounted"), 1, request) == full
+    # Only recipients are deferred: other stages are not its to judge.
+    assert answers(str(tmp_path), 2**62, request.replace("RCPT", "DATA")) == "action=DUNNO\n\n"
 
 
 def test_the_acme_server_setting_reaches_certbot_and_only_the_certificate_script() -> None:

@@ -226,38 +226,50 @@ def test_restarting_a_daemon_under_inbound_load_loses_nothing(lab: LabInfo, disr
 # --- 5: the mail volume fills up ------------------------------------------------------------------
 
 
-def test_a_full_mail_volume_defers_delivery_and_resumes_when_space_is_freed(lab: LabInfo) -> None:
+def test_a_full_mail_volume_defers_mail_and_resumes_when_space_is_freed(lab: LabInfo) -> None:
+    """Mail already accepted waits in Postfix's queue (on the droplet's own disk) while Dovecot
+    answers 4xx; new mail is answered 452 at RCPT, so its senders keep it; none bounces, and all
+    of it is stored once when there is room again."""
     user, _ = alice(lab)
     mail_dir = "/var/mail/vhosts"
+    # Accepted before the volume filled and not yet delivered (Dovecot is stopped meanwhile).
+    root(lab, "systemctl stop dovecot")
+    waiting = inbound("accepted before the volume filled", user, 3)
+    for outcome, msg in waiting:
+        send(outcome, msg)
+    assert all(o.accepted for o, _ in waiting)
     # Take every block an unprivileged writer may use (ext4 keeps 5% for root; Dovecot writes as vmail).
     free = int(root(lab, f"df --output=avail -B1 {mail_dir} | tail -1").strip())
     root(lab, f"fallocate -l {free} {mail_dir}/.filler && chown vmail: {mail_dir}/.filler")
+    root(lab, "systemctl start dovecot")
     try:
         probe = control.guest(f"sudo -u vmail dd if=/dev/zero of={mail_dir}/.probe bs=4k count=4", lab)
         assert probe.returncode != 0 and "No space left" in probe.stderr, "the volume is not full"
         batch = inbound("volume full", user, 5)
         for outcome, msg in batch:
             send(outcome, msg)
-        # Postfix's queue is on the droplet's own disk: it accepts (or temp-fails), never refuses.
-        assert all(o.replies[-1] == 250 or 400 <= o.replies[-1] < 500 for o, _ in batch)
-        accepted = {o.message_id for o, _ in batch if o.accepted}
+        # mailroom-storage-policy: 452 at RCPT, never a 5xx, never a 250 for mail with no room.
+        assert [o.replies for o, _ in batch] == [[452]] * len(batch)
 
         def deferred_for_space() -> list[str]:
             return [str(r.get("delay_reason", "")) for m in queue(lab) for r in m["recipients"] if r["address"] == user]
 
-        # Dovecot answers the LMTP delivery with a 4xx (ENOSPC is temporary); Postfix keeps the mail.
-        wait_for(lambda: len([r for r in deferred_for_space() if "said: 4" in r]) >= len(accepted), 60,
-                 "the accepted messages deferred with Dovecot's temporary error")  # fmt: skip
+        # Dovecot answers the queued mail's LMTP deliveries with a 4xx (ENOSPC is temporary).
+        flush_queue(lab)
+        wait_for(lambda: len([r for r in deferred_for_space() if "said: 4" in r]) >= len(waiting), 60,
+                 "the queued messages deferred with Dovecot's temporary error")  # fmt: skip
         assert [r for r in deferred_for_space() if " 5." in r] == []
         # Nothing was bounced: no delivery report went back out through the relay.
+        ids = {o.message_id for o, _ in waiting + batch}
         bounces = [m for _, m in relayed_messages(lab) if m.get_content_type() == "multipart/report"]
-        assert not [b for b in bounces if any(mid in b.as_string() for mid in accepted)]
+        assert not [b for b in bounces if any(mid in b.as_string() for mid in ids)]
     finally:
         root(lab, f"rm -f {mail_dir}/.filler {mail_dir}/.probe")
+        root(lab, "systemctl start dovecot")
     flush_queue(lab)
     retry_until_accepted(batch)
     assert all(o.accepted for o, _ in batch)
-    assert_each_stored_once(lab, [o for o, _ in batch])
+    assert_each_stored_once(lab, [o for o, _ in waiting + batch])
 
 
 # --- 6, 7: the host goes down ---------------------------------------------------------------------
