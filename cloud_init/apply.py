@@ -32,11 +32,13 @@ The script
    setup). If one fails, nothing was installed: it names the service, the command, the new files
    it refused and the command's output on stderr, reloads nothing and exits 1: a bad bundle leaves
    the running server as it was;
-5. only then writes those files, atomically, secret ones never readable by others while written,
-   removes those that left the bundle, and runs the ``prepare`` commands again, on the live files;
-   if one fails now, puts every file of this apply back as it was, runs the prepare commands again
-   on the restored files, reloads nothing and exits 1;
-6. otherwise reloads each changed service once, in bundle order, records what it installed, then
+5. only then, service by service in bundle order (files no service owns first), writes its files,
+   atomically, secret ones never readable by others while written, removes those that left the
+   bundle, runs its ``prepare`` commands again on the live files, and reloads it if it changed:
+   a daemon another points at (a milter) runs on its new files before the next one's appear; if a
+   prepare fails now, puts every file of this apply back as it was, runs the prepare commands
+   again on the restored files, reloads again the services already reloaded, and exits 1;
+6. then records what it installed,
    purges the installed ``absent_packages`` (only now: the daemon being replaced keeps running
    until its successor's files passed their checks and were loaded), and prints one JSON line:
    ``{"changed": [paths], "reloaded": [services], "installed": [packages],
@@ -85,6 +87,7 @@ PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?")
 # Where the checks' namespace mounts its tmpfs (an empty directory outside of it).
 STAGE = "/var/lib/mailroom/stage"
 NOTHING_INSTALLED = "nothing was installed and nothing was reloaded."
+NOTHING_RELOADED = " and nothing was reloaded."
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
@@ -756,49 +759,63 @@ def apply(plan: Plan, root: Path) -> tuple[dict[str, Any], list[str]]:
     refusal = check_staged(plan, root, ids, before, touched, env)
     if refusal:
         raise ApplyError(refused(refusal, plan, changed))
-    try:
-        created = install_files(plan, root, ids, before)
-    except OSError as exc:
-        raise ApplyError(f"writing {exc.filename}: {exc.strerror}; the previous files are back in place") from None
-
-    # The checks passed on the new files; the derived files (postmap's .db, compiled sieve) follow
-    # them on the live side now.
-    prepared: list[Daemon] = []
-    for daemon in touched:
-        if daemon.prepare:
-            prepared.append(daemon)
-        for command in daemon.prepare:
-            status, output = shell(command, env)
-            if status != 0:
-                problems = restore(root, before, created)
-                for again in prepared:
-                    for step in again.prepare:
-                        redo, redo_output = shell(step, env)
-                        if redo != 0:
-                            problems.append(
-                                failure(f"service {again.name}: `{step}` on the restored files", redo, redo_output)
-                            )
-                message = (
-                    f"service {daemon.name}: {failure(f'`{command}` on the installed files', status, output)}\n"
-                    "the previous files are back in place and nothing was reloaded."
-                )
-                if problems:
-                    message += "\nwhile restoring:\n" + "\n".join(problems)
-                raise ApplyError(message)
-
+    # Service by service, in bundle order: its files go live, its prepare steps run on them (the
+    # derived files, postmap's .db or compiled sieve, follow them on the live side), it reloads.
+    # So a daemon that another one points at (a spam filter's milter, before Postfix) already runs
+    # on its new files when the next one's files appear. Files no service owns go first.
+    owner = {path: next((d.name for d in plan.daemons if d.owns(path)), "") for path in before}
     due = {d.name for d in touched} | set(pending)
+    installed: dict[str, OnDisk] = {}
+    created: list[Path] = []
+    prepared: list[Daemon] = []
     reloaded: list[str] = []
     failed: list[str] = []
     errors: list[str] = []
-    for daemon in plan.daemons:
-        if daemon.name not in due or not daemon.reload:
+
+    def roll_back(what: str) -> ApplyError:
+        """Every file of this apply back as it was; prepare and reload again what already ran."""
+        problems = restore(root, installed, created)
+        for again in prepared:
+            for step in again.prepare:
+                redo, redo_output = shell(step, env)
+                if redo != 0:
+                    problems.append(failure(f"service {again.name}: `{step}` on the restored files", redo, redo_output))
+        for again in (d for d in plan.daemons if d.name in reloaded):
+            redo, redo_output = shell(again.reload, env)
+            if redo != 0:
+                what_ran = f"service {again.name}: `{again.reload}` on the restored files"
+                problems.append(failure(what_ran, redo, redo_output))
+        message = f"{what}\nthe previous files are back in place"
+        message += " and the services already reloaded were reloaded on them." if reloaded else NOTHING_RELOADED
+        if problems:
+            message += "\nwhile restoring:\n" + "\n".join(problems)
+        return ApplyError(message)
+
+    for daemon in [None, *plan.daemons]:
+        name = daemon.name if daemon else ""
+        group = {path: previous for path, previous in before.items() if owner[path] == name}
+        if group:
+            try:
+                created += install_files(plan, root, ids, group)
+            except OSError as exc:
+                raise roll_back(f"writing {exc.filename}: {exc.strerror}") from None
+            installed.update(group)
+        if daemon is None:
             continue
-        status, output = shell(daemon.reload, env)
-        if status == 0:
-            reloaded.append(daemon.name)
-        else:
-            failed.append(daemon.name)
-            errors.append(f"service {daemon.name}: {failure(f'`{daemon.reload}`', status, output)}")
+        if daemon in touched and daemon.prepare:
+            prepared.append(daemon)
+            for command in daemon.prepare:
+                status, output = shell(command, env)
+                if status != 0:
+                    ran = failure(f"`{command}` on the installed files", status, output)
+                    raise roll_back(f"service {daemon.name}: {ran}")
+        if daemon.name in due and daemon.reload:
+            status, output = shell(daemon.reload, env)
+            if status == 0:
+                reloaded.append(daemon.name)
+            else:
+                failed.append(daemon.name)
+                errors.append(f"service {daemon.name}: {failure(f'`{daemon.reload}`', status, output)}")
     write_state(root, sorted(f.path for f in plan.files), failed)
     if errors:
         errors.append("its checks had passed: the new files stay, and the next apply retries the reload.")

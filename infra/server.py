@@ -17,7 +17,7 @@ from infra.bundle import Bundle, BundleFile, ServerSecrets, Service
 from infra.packages import DIRECT, SPAM, WEBMAIL, packages
 from infra.records import mta_sts_policy
 from infra.relay import smtp_endpoint
-from infra.settings import Relay, Settings, SpamFilter
+from infra.settings import MESSAGE_MB_RANGE, Relay, Settings, SpamFilter
 
 FILES = Path(__file__).resolve().parent.parent / "cloud_init" / "files"
 SMTP2GO_HOST = "mail.smtp2go.com"
@@ -77,6 +77,7 @@ def sender_logins(settings: Settings) -> list[tuple[str, list[str]]]:
 # only its daemon and Postfix's group may enter.
 RSPAMD_MILTER = "rspamd/milter.sock"
 OPENDKIM_MILTER = "opendkim/opendkim.sock"
+SPAMASS_MILTER = "spamass/spamass.sock"
 QUEUE_DIR = "/var/spool/postfix"
 
 
@@ -90,7 +91,7 @@ def milters(settings: Settings) -> dict[str, str]:
         return {"smtpd_milters": both, "non_smtpd_milters": both, "submission_milters": both}
     dkim = f"unix:{OPENDKIM_MILTER}"
     return {
-        "smtpd_milters": f"{dkim}, unix:spamass/spamass.sock",
+        "smtpd_milters": f"{dkim}, unix:{SPAMASS_MILTER}",
         "non_smtpd_milters": dkim,
         "submission_milters": dkim,
     }
@@ -129,8 +130,9 @@ def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
         "mail_dir": MAIL_DIR,
         "message_size_limit_mb": settings.message_size_limit_mb,
         "message_size_limit_bytes": settings.message_size_limit_mb * 1024 * 1024,
-        # Room for two messages of the size limit, or the volume counts as full.
-        "storage_reserve_bytes": 2 * settings.message_size_limit_mb * 1024 * 1024,
+        # Room for one message of the largest size limit the settings allow, or the volume counts as
+        # full (a constant: changing the size limit stays a change of main.cf alone).
+        "storage_reserve_bytes": MESSAGE_MB_RANGE[1] * 1024 * 1024,
         "mailboxes": settings.mailboxes,
         "aliases": settings.aliases,
         "sender_logins": sender_logins(settings),
@@ -180,6 +182,13 @@ def _file(path: str, content: str, settings: Settings) -> BundleFile:
 FILTER_SERVICES = ("opendkim", "spamassassin", "redis", "rspamd")
 # Postfix's policy service deferring inbound mail while the mail volume is full.
 STORAGE_POLICY = "/usr/local/sbin/mailroom-storage-policy"
+
+
+def until_listening(socket_path: str, seconds: int = 30) -> str:
+    """A shell command that returns once a milter answers on SOCKET_PATH (a unit's restart returns
+    before its daemon listens): the filter is up before Postfix is pointed at it."""
+    probe = f"import socket; socket.socket(socket.AF_UNIX).connect('{socket_path}')"
+    return f'timeout {seconds} sh -c "until python3 -c \\"{probe}\\" 2>/dev/null; do sleep 0.2; done"'
 
 
 def services(settings: Settings) -> tuple[Service, ...]:
@@ -261,7 +270,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
                 prepare=(f"install -d -o opendkim -g postfix -m 2750 {QUEUE_DIR}/{OPENDKIM_MILTER.split('/')[0]}",),
                 check=("opendkim -n -x /etc/opendkim.conf",),
                 # A restart: OpenDKIM re-reads keys on reload, but not its socket.
-                reload="systemctl restart opendkim",
+                reload="systemctl restart opendkim && " + until_listening(f"{QUEUE_DIR}/{OPENDKIM_MILTER}"),
             ),
             Service(
                 "spamassassin",
@@ -269,7 +278,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
                 prepare=(f"install -d -o {SPAMD_USER} -g {SPAMD_USER} -m 0770 /var/lib/spamassassin/bayes",),
                 check=("spamassassin --lint",),
                 # A restart: spamd reads its options (children, --allow-tell) only when it starts.
-                reload="systemctl restart spamd spamass-milter",
+                reload="systemctl restart spamd spamass-milter && " + until_listening(f"{QUEUE_DIR}/{SPAMASS_MILTER}"),
             ),
         ]
     else:
@@ -285,7 +294,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
                 ("/etc/rspamd/",),
                 prepare=(f"install -d -o _rspamd -g postfix -m 0750 {QUEUE_DIR}/{RSPAMD_MILTER.split('/')[0]}",),
                 check=("rspamadm configtest",),
-                reload="systemctl reload-or-restart rspamd",
+                reload="systemctl reload-or-restart rspamd && " + until_listening(f"{QUEUE_DIR}/{RSPAMD_MILTER}"),
             ),
         ]
     if settings.relay is Relay.DIRECT:

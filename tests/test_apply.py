@@ -600,3 +600,23 @@ def test_a_malformed_bundle_is_refused_before_anything_changes(
     assert "hunter2" not in result.stderr
     assert not any(root.iterdir())
     assert calls(fake_apt) == []
+
+
+def test_each_service_reloads_on_its_new_files_before_the_next_ones_appear(
+    root: Path, fake_apt: dict[str, str]
+) -> None:
+    """A milter Postfix points at, listed first, is reloaded while Postfix's main.cf is still the
+    old one: Postfix never sees a milter setting before the milter runs on its new files."""
+    summary(apply(two_services(), root, fake_apt))
+    milter = Service(
+        "milter", ("/etc/milter/",),
+        reload=record("milter-reload", f"cat {LIVE}/etc/postfix/main.cf {LIVE}/etc/milter/milter.conf"),
+    )  # fmt: skip
+    postfix = Service("postfix", ("/etc/postfix/",), reload=record("postfix-reload", f"cat {LIVE}/etc/postfix/main.cf"))
+    files = (BundleFile("/etc/milter/milter.conf", "socket = new\n"), BundleFile("/etc/postfix/main.cf", "size = 20\n"),
+             *two_services().files[1:])  # fmt: skip
+    bundle = Bundle(files=files, services=(milter, postfix, service("dovecot", "/etc/dovecot/")), packages=("postfix",))
+    done = summary(apply(bundle, root, fake_apt))
+    assert done["reloaded"] == ["milter", "postfix"]
+    assert seen(root, "milter-reload") == "size = 10\nsocket = new\n"
+    assert seen(root, "postfix-reload") == "size = 20\n"

@@ -377,20 +377,19 @@ def test_changing_one_setting_changes_only_the_files_it_concerns() -> None:
     before = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
     after = render_bundle(settings_for("rspamd", "ses", False, messageSizeLimitMb=40), SECRETS)
     changed = {f.path for f in after.files if f.content != before.file(f.path).content}
-    # The size limit, and the room the storage policy keeps free (two such messages): both Postfix's.
-    assert changed == {"/etc/postfix/main.cf", "/usr/local/sbin/mailroom-storage-policy"}
+    assert changed == {"/etc/postfix/main.cf"}
 
 
 def test_the_storage_policy_defers_mail_only_while_the_volume_is_full(tmp_path: Path) -> None:
     bundle = render_bundle(settings_for("spamassassin", "ses", False), SECRETS)
     script = bundle.file("/usr/local/sbin/mailroom-storage-policy").content
-    assert "RESERVE_BYTES = 52428800" in script  # two messages of the default 25 MB limit
+    assert "RESERVE_BYTES = 104857600" in script  # one message of the largest size limit (100 MB)
     request = "request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=alice@example.net\n\n"
 
     def answers(mail_dir: str, reserve: int, requests: str) -> str:
         path = tmp_path / "policy"
         path.write_text(script.replace('MAIL_DIR = "/var/mail/vhosts"', f'MAIL_DIR = "{mail_dir}"')
-                        .replace("RESERVE_BYTES = 52428800", f"RESERVE_BYTES = {reserve}"))  # fmt: skip
+                        .replace("RESERVE_BYTES = 104857600", f"RESERVE_BYTES = {reserve}"))  # fmt: skip
         done = run(sys.executable, str(path), stdin=requests)
         assert done.returncode == 0, done.stderr
         return done.stdout
