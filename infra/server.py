@@ -179,7 +179,6 @@ def _file(path: str, content: str, settings: Settings) -> BundleFile:
     return BundleFile(path, content, mode)
 
 
-FILTER_SERVICES = ("opendkim", "spamassassin", "redis", "rspamd")
 # Postfix's policy service deferring inbound mail while the mail volume is full.
 STORAGE_POLICY = "/usr/local/sbin/mailroom-storage-policy"
 
@@ -189,6 +188,45 @@ def until_listening(socket_path: str, seconds: int = 30) -> str:
     before its daemon listens): the filter is up before Postfix is pointed at it."""
     probe = f"import socket; socket.socket(socket.AF_UNIX).connect('{socket_path}')"
     return f'timeout {seconds} sh -c "until python3 -c \\"{probe}\\" 2>/dev/null; do sleep 0.2; done"'
+
+
+def filter_services(settings: Settings) -> list[Service]:
+    """The spam filter's daemons (and the DKIM signer beside SpamAssassin)."""
+    if settings.spam_filter is SpamFilter.SPAMASSASSIN:
+        return [
+            Service(
+                "opendkim",
+                ("/etc/opendkim.conf", "/etc/opendkim/"),
+                # setgid postfix: the socket OpenDKIM makes there (UMask 007) is Postfix's group's.
+                prepare=(f"install -d -o opendkim -g postfix -m 2750 {QUEUE_DIR}/{OPENDKIM_MILTER.split('/')[0]}",),
+                check=("opendkim -n -x /etc/opendkim.conf",),
+                # A restart: OpenDKIM re-reads keys on reload, but not its socket.
+                reload="systemctl restart opendkim && " + until_listening(f"{QUEUE_DIR}/{OPENDKIM_MILTER}"),
+            ),
+            Service(
+                "spamassassin",
+                ("/etc/spamassassin/", "/etc/default/spamd", "/etc/default/spamass-milter"),
+                prepare=(f"install -d -o {SPAMD_USER} -g {SPAMD_USER} -m 0770 /var/lib/spamassassin/bayes",),
+                check=("spamassassin --lint",),
+                # A restart: spamd reads its options (children, --allow-tell) only when it starts.
+                reload="systemctl restart spamd spamass-milter && " + until_listening(f"{QUEUE_DIR}/{SPAMASS_MILTER}"),
+            ),
+        ]
+    return [
+        Service(
+            "redis",
+            ("/etc/systemd/system/redis-server.service.d/",),
+            prepare=("systemctl daemon-reload",),
+            reload="systemctl restart redis-server",
+        ),
+        Service(
+            "rspamd",
+            ("/etc/rspamd/",),
+            prepare=(f"install -d -o _rspamd -g postfix -m 0750 {QUEUE_DIR}/{RSPAMD_MILTER.split('/')[0]}",),
+            check=("rspamadm configtest",),
+            reload="systemctl reload-or-restart rspamd && " + until_listening(f"{QUEUE_DIR}/{RSPAMD_MILTER}"),
+        ),
+    ]
 
 
 def services(settings: Settings) -> tuple[Service, ...]:
@@ -202,6 +240,9 @@ def services(settings: Settings) -> tuple[Service, ...]:
             ("/usr/local/sbin/mailroom-certificate", "/etc/letsencrypt/", "/etc/cron.d/mailroom-certificate"),
             prepare=("/usr/local/sbin/mailroom-certificate",),
         ),
+        # The apply script reloads in this order: the spam filter (and its socket) is up on its
+        # new files before Postfix's appear, so a switch of filter never leaves Postfix without it.
+        *filter_services(settings),
         Service(
             "postfix",
             ("/etc/postfix/", "/etc/aliases", "/etc/mailname", STORAGE_POLICY),
@@ -261,42 +302,6 @@ def services(settings: Settings) -> tuple[Service, ...]:
             # No reload: logrotate reads its configuration afresh at every run (logrotate.timer).
         ),
     ]
-    if settings.spam_filter is SpamFilter.SPAMASSASSIN:
-        common += [
-            Service(
-                "opendkim",
-                ("/etc/opendkim.conf", "/etc/opendkim/"),
-                # setgid postfix: the socket OpenDKIM makes there (UMask 007) is Postfix's group's.
-                prepare=(f"install -d -o opendkim -g postfix -m 2750 {QUEUE_DIR}/{OPENDKIM_MILTER.split('/')[0]}",),
-                check=("opendkim -n -x /etc/opendkim.conf",),
-                # A restart: OpenDKIM re-reads keys on reload, but not its socket.
-                reload="systemctl restart opendkim && " + until_listening(f"{QUEUE_DIR}/{OPENDKIM_MILTER}"),
-            ),
-            Service(
-                "spamassassin",
-                ("/etc/spamassassin/", "/etc/default/spamd", "/etc/default/spamass-milter"),
-                prepare=(f"install -d -o {SPAMD_USER} -g {SPAMD_USER} -m 0770 /var/lib/spamassassin/bayes",),
-                check=("spamassassin --lint",),
-                # A restart: spamd reads its options (children, --allow-tell) only when it starts.
-                reload="systemctl restart spamd spamass-milter && " + until_listening(f"{QUEUE_DIR}/{SPAMASS_MILTER}"),
-            ),
-        ]
-    else:
-        common += [
-            Service(
-                "redis",
-                ("/etc/systemd/system/redis-server.service.d/",),
-                prepare=("systemctl daemon-reload",),
-                reload="systemctl restart redis-server",
-            ),
-            Service(
-                "rspamd",
-                ("/etc/rspamd/",),
-                prepare=(f"install -d -o _rspamd -g postfix -m 0750 {QUEUE_DIR}/{RSPAMD_MILTER.split('/')[0]}",),
-                check=("rspamadm configtest",),
-                reload="systemctl reload-or-restart rspamd && " + until_listening(f"{QUEUE_DIR}/{RSPAMD_MILTER}"),
-            ),
-        ]
     if settings.relay is Relay.DIRECT:
         common.append(
             Service(
@@ -315,10 +320,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
                 reload="systemctl reload-or-restart 'php*-fpm.service'",
             )
         )
-    # The apply script reloads in this order: the spam filter (and its socket) comes up before
-    # Postfix is pointed at it, so a switch of filter never leaves Postfix without its milter.
-    filters = [s for s in common if s.name in FILTER_SERVICES]
-    return (common[0], *filters, *(s for s in common[1:] if s.name not in FILTER_SERVICES))
+    return tuple(common)
 
 
 def render_bundle(settings: Settings, secrets: ServerSecrets) -> Bundle:

@@ -3,8 +3,9 @@
 `up(stack)` evaluates the program for the stack under mocks (infra.offline), boots a fresh
 Debian 12 host with systemd-nspawn from the droplet's own rendered user-data (a NoCloud seed),
 stands in for the outside world in a second network namespace (DNS serving the records the
-program computes, SES's SMTP endpoint), then runs the program's own remote commands over SSH
-with the program's own deploy key. Nothing reaches the server by a lab-only path.
+program computes, SES's SMTP endpoint, Cloudflare's API for certbot, pebble as the ACME CA),
+then runs the program's own remote commands over SSH with the program's own deploy key. Nothing
+reaches the server by a lab-only path.
 
 Addresses are documentation ranges only (203.0.113.0/24, 2001:db8::/32), in namespaces the lab
 creates; `down()` removes every namespace, link, mount and process it made.
@@ -70,8 +71,7 @@ class LabInfo:
     steps: list[dict[str, Any]]
 
     def save(self) -> None:
-        (STATE_DIR / "lab.json").write_text(json.dumps(asdict(self), indent=2))
-        (STATE_DIR / "lab.json").chmod(0o600)
+        secret_file("lab.json", json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls) -> LabInfo:
@@ -174,7 +174,6 @@ def lab_zone(run: OfflineRun) -> str:
     """Exactly the program's records for the lab's facts, plus the few outside names."""
     facts = run.facts()
     s = run.settings
-    reverse = ".".join(reversed(DROPLET_IPV4.split("."))) + ".in-addr.arpa."
     outside = [
         # The stand-in root: the host's unbound primes from it (a root with no NS is lame to it).
         ". 3600 IN NS lab-root.",
@@ -188,9 +187,10 @@ def lab_zone(run: OfflineRun) -> str:
         f'{REMOTE_DOMAIN}. 300 IN TXT "v=spf1 ip4:{REMOTE_IP} -all"',
         f'_dmarc.{REMOTE_DOMAIN}. 300 IN TXT "v=DMARC1; p=reject"',
         f'amazonses.com. 300 IN TXT "v=spf1 ip4:{SES_IP} -all"',
-        f"{reverse} 300 IN PTR {s.host_name}.",
-        f"{dns.reversename.from_address(DROPLET_IPV6)} 300 IN PTR {s.host_name}.",  # DigitalOcean names both
-        f"{'.'.join(reversed(REMOTE_IP.split('.')))}.in-addr.arpa. 300 IN PTR mx.{REMOTE_DOMAIN}.",
+        # DigitalOcean names both of the droplet's addresses after it.
+        f"{dns.reversename.from_address(DROPLET_IPV4)} 300 IN PTR {s.host_name}.",
+        f"{dns.reversename.from_address(DROPLET_IPV6)} 300 IN PTR {s.host_name}.",
+        f"{dns.reversename.from_address(REMOTE_IP)} 300 IN PTR mx.{REMOTE_DOMAIN}.",
     ]
     return zone_file(s, facts) + "\n".join(outside) + "\n"
 
@@ -377,7 +377,8 @@ def _world_process(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["ip", "netns", "exec", WORLD_NS, *argv], stdout=subprocess.DEVNULL, stderr=log)
 
 
-def _secret_file(name: str, value: str) -> Path:
+def secret_file(name: str, value: str) -> Path:
+    """STATE_DIR/NAME holding VALUE, readable by root only from before it holds anything."""
     path = STATE_DIR / name
     path.write_text("")
     path.chmod(0o600)
@@ -396,13 +397,13 @@ def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) 
     ses = certificates["ses"]
     processes["ses"] = _world_process("ses", [
         *module, "ses", str(STATE_DIR / "ses"), SES_IP, smtp_endpoint(run.settings.ses_region), ses_user,
-        str(_secret_file("ses-password", str(run.outputs.get("sesSmtpPassword", "")))),
+        str(secret_file("ses-password", str(run.outputs.get("sesSmtpPassword", "")))),
         str(ses.certificate), str(ses.key),
     ])  # fmt: skip
     api = certificates["cloudflare"]
     processes["cloudflare"] = _world_process("cloudflare", [
         *module, "cloudflare", str(api_dir), CLOUDFLARE_IP, run.settings.domain,
-        str(_secret_file("cloudflare-token", str(run.outputs.get("certbotToken", "")))),
+        str(secret_file("cloudflare-token", str(run.outputs.get("certbotToken", "")))),
         str(api.certificate), str(api.key),
     ])  # fmt: skip
     config = acme.write_config(STATE_DIR / "pebble.json", ACME_IP, certificates["acme"])
@@ -425,9 +426,7 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
     try:
         create_network()
         ses_user, zone = start_world(run, make_certificates(run))
-        key_file = STATE_DIR / "deploy-key"
-        key_file.write_text(run.named("deploy-key").state["privateKeyOpenssh"])
-        key_file.chmod(0o600)
+        key_file = secret_file("deploy-key", run.named("deploy-key").state["privateKeyOpenssh"])
         user_data = run.one("digitalocean:index/droplet:Droplet").inputs["userData"]
         (STATE_DIR / "user-data").write_text(user_data)
         (STATE_DIR / "volume-path").write_text(volume_device(run.settings))
@@ -439,8 +438,7 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
         wait_for_ssh()
         info.steps = [{k: v for k, v in r.items() if k != "stdin"} for r in run_steps(info, steps)]
         info.save()
-        (STATE_DIR / "steps.json").write_text(json.dumps(steps))
-        (STATE_DIR / "steps.json").chmod(0o600)
+        secret_file("steps.json", json.dumps(steps))
         return info
     except BaseException:
         if not os.environ.get("MAILROOM_LAB_KEEP"):  # keep a failed lab up to look at it
@@ -452,9 +450,7 @@ def keep_state() -> None:
     """What Pulumi's state would keep between runs: the keys and passwords the mocks generated."""
     from infra import offline
 
-    state = STATE_DIR / "pulumi-state.json"
-    state.write_text(json.dumps([[kind, name, values] for (kind, name), values in offline._GENERATED.items()]))
-    state.chmod(0o600)
+    secret_file("pulumi-state.json", json.dumps([[k, n, v] for (k, n), v in offline._GENERATED.items()]))
 
 
 def restore_state() -> None:

@@ -30,6 +30,13 @@ def unverified() -> ssl.SSLContext:
     return context
 
 
+def starttls_as(smtp: smtplib.SMTP, server_name: str, context: ssl.SSLContext) -> None:
+    """STARTTLS on a connection dialled by address, the certificate checked against SERVER_NAME
+    (the world namespace resolves nothing; smtplib checks the name it dialled)."""
+    smtp._host = server_name  # type: ignore[attr-defined]
+    smtp.starttls(context=context)
+
+
 def served_certificate(port: int, server_name: str, cafile: Path | None = None) -> bytes:
     """The certificate (DER) the host serves on PORT to a client asking for SERVER_NAME (STARTTLS
     on 25 and 587). With CAFILE it must verify against it and match the name, or ssl raises."""
@@ -38,8 +45,7 @@ def served_certificate(port: int, server_name: str, cafile: Path | None = None) 
         context = unverified() if cafile is None else ssl.create_default_context(cafile=str(cafile))
         if port in (SMTP_PORT, SUBMISSION_PORT):
             with smtplib.SMTP(DROPLET_IPV4, port, timeout=TIMEOUT) as smtp:
-                smtp._host = server_name  # type: ignore[attr-defined]  # STARTTLS checks this name
-                smtp.starttls(context=context)
+                starttls_as(smtp, server_name, context)
                 der: bytes | None = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
         else:
             with context.wrap_socket(socket.create_connection((DROPLET_IPV4, port), timeout=TIMEOUT),

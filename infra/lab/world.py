@@ -143,6 +143,11 @@ def serve_ses(spool: Path, address: str, hostname: str, user: str, password_file
             controller.stop()
 
 
+def _api_error(code: int, message: str) -> dict[str, Any]:
+    """The API's envelope for a refused call."""
+    return {"success": False, "errors": [{"code": code, "message": message}], "messages": [], "result": None}
+
+
 class CloudflareApi:
     """What api.cloudflare.com/client/v4 holds for one zone: its id and the records added."""
 
@@ -168,8 +173,7 @@ class CloudflareApi:
     def answer(self, method: str, path: str, query: dict[str, str], body: Any, token: str) -> tuple[int, Any]:
         """(HTTP status, the API's JSON envelope) for one call."""
         if token != self.token:
-            return 403, {"success": False, "errors": [{"code": 10000, "message": "Authentication error"}],
-                         "messages": [], "result": None}  # fmt: skip
+            return 403, _api_error(10000, "Authentication error")
         parts = path.removeprefix("/client/v4/").strip("/").split("/")
         result: Any
         with self.lock:
@@ -178,11 +182,9 @@ class CloudflareApi:
             elif parts[:3] == ["zones", self.zone_id, "dns_records"]:
                 result = self.dns_records(method, parts[3:], query, body)
                 if result is None:
-                    return 404, {"success": False, "errors": [{"code": 81044, "message": "Record not found"}],
-                                 "messages": [], "result": None}  # fmt: skip
+                    return 404, _api_error(81044, "Record not found")
             else:
-                return 404, {"success": False, "errors": [{"code": 7003, "message": "No route for that URI"}],
-                             "messages": [], "result": None}  # fmt: skip
+                return 404, _api_error(7003, "No route for that URI")
         return 200, {"success": True, "errors": [], "messages": [], "result": result}
 
     def dns_records(self, method: str, rest: list[str], query: dict[str, str], body: Any) -> Any:

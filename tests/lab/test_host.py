@@ -22,7 +22,8 @@ import pytest
 from infra.bootstrap import MAIL_DIR, volume_device
 from infra.lab import control, image
 from infra.lab.control import DNS_IP, SES_IP, WORLD_NS, LabInfo, in_netns
-from infra.offline import DROPLET_IPV4, DROPLET_IPV6, run_program
+from infra.lab.mail import starttls_as
+from infra.offline import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, run_program
 from infra.records import records
 from infra.relay import smtp_endpoint
 from infra.settings import PROJECT_DIR, parse_settings
@@ -37,6 +38,16 @@ T = TypeVar("T")
 HOST_NAME = "mail.example.net"  # Pulumi.dev.yaml
 
 
+def lab_run(lab: LabInfo) -> OfflineRun:
+    """The program as this lab ran it: the keys and tokens it generated, as Pulumi's state keeps them."""
+    control.restore_state()
+    return run_program(lab.stack, lab.overrides)
+
+
+def ses_endpoint(lab: LabInfo) -> str:
+    return smtp_endpoint(parse_settings(stack_config(lab.stack, lab.overrides)).ses_region)
+
+
 def ssh_as(lab: LabInfo, user: str, *options: str) -> subprocess.CompletedProcess[str]:
     """A login attempt as USER with the deploy key and OPTIONS."""
     argv = control.ssh_argv(lab, "true")
@@ -48,8 +59,7 @@ def ssh_as(lab: LabInfo, user: str, *options: str) -> subprocess.CompletedProces
 
 
 def test_the_host_booted_from_exactly_the_droplets_user_data(lab: LabInfo) -> None:
-    control.restore_state()  # the deploy key this lab's run generated, as Pulumi's state keeps it
-    run = run_program(lab.stack, lab.overrides)
+    run = lab_run(lab)
     droplet_user_data = run.one("digitalocean:index/droplet:Droplet").inputs["userData"]
     seen = control.guest("sudo cat /var/lib/cloud/instance/user-data.txt", lab)
     assert seen.returncode == 0, seen.stderr
@@ -121,8 +131,7 @@ def test_remote_commands_run_in_order_with_stdin_and_stop_at_the_first_failure(l
 
 
 def test_the_lab_dns_serves_every_record_of_the_program(lab: LabInfo) -> None:
-    control.restore_state()  # the keys and tokens this lab's run generated, as Pulumi's state keeps them
-    run = run_program(lab.stack, lab.overrides)
+    run = lab_run(lab)
     expected: dict[tuple[str, str], set[str]] = {}
     for r in records(run.settings, run.facts()):
         expected.setdefault((r.name, r.type), set()).add(dns.rdata.from_text("IN", r.type, r.rdata()).to_text())
@@ -146,7 +155,7 @@ def test_the_lab_dns_answers_reverse_lookups_for_the_host(lab: LabInfo) -> None:
 
 
 def test_the_host_resolves_through_its_own_resolver_and_the_lab_dns(lab: LabInfo) -> None:
-    endpoint = smtp_endpoint(parse_settings(stack_config(lab.stack, lab.overrides)).ses_region)
+    endpoint = ses_endpoint(lab)
     found = control.guest(f"getent ahostsv4 {endpoint}; grep ^nameserver /etc/resolv.conf", lab)
     assert found.stdout.split()[0] == SES_IP
     assert "nameserver 127.0.0.1" in found.stdout  # unbound on the host, as on the droplet
@@ -157,13 +166,12 @@ def test_the_host_resolves_through_its_own_resolver_and_the_lab_dns(lab: LabInfo
 
 def ses_session(lab: LabInfo, action: Callable[[smtplib.SMTP], T]) -> T:
     """Connect as Postfix does: by name, STARTTLS, the certificate verified against the lab CA."""
-    endpoint = smtp_endpoint(parse_settings(stack_config(lab.stack, lab.overrides)).ses_region)
+    endpoint = ses_endpoint(lab)
 
     def connect() -> T:
         context = ssl.create_default_context(cafile=str(control.trusted_roots()["mailroom-lab-ca"]))
         with smtplib.SMTP(SES_IP, 587, timeout=10) as smtp:
-            smtp._host = endpoint  # type: ignore[attr-defined]  # the name STARTTLS checks
-            smtp.starttls(context=context)
+            starttls_as(smtp, endpoint, context)
             return action(smtp)
 
     return in_netns(WORLD_NS, connect)
@@ -185,7 +193,7 @@ def test_the_ses_stand_in_refuses_auth_before_starttls(lab: LabInfo) -> None:
 
 
 def test_the_host_trusts_the_lab_ca_for_the_ses_endpoint(lab: LabInfo) -> None:
-    endpoint = smtp_endpoint(parse_settings(stack_config(lab.stack, lab.overrides)).ses_region)
+    endpoint = ses_endpoint(lab)
     checked = control.guest(
         f"openssl s_client -connect {endpoint}:587 -starttls smtp -servername {endpoint} "
         f"-verify_hostname {endpoint} -verify_return_error </dev/null 2>&1",

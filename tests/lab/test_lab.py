@@ -347,10 +347,6 @@ def learned(lab: control.LabInfo, kind: str = "spam") -> int:
     return int(count) if count.isdigit() else 0
 
 
-def learned_spam(lab: control.LabInfo) -> int:
-    return learned(lab, "spam")
-
-
 def wait_for_learning(lab: control.LabInfo, kind: str, before: int) -> int:
     import time
 
@@ -371,7 +367,7 @@ def test_moving_mail_into_junk_teaches_the_filter(lab: control.LabInfo) -> None:
     msg = message(f"dana@{REMOTE_DOMAIN}", user, "cheap watches", body=body)
     send_inbound(msg)
     assert find(user, password, msg["Message-ID"]) is not None
-    before = learned_spam(lab)
+    before = learned(lab, "spam")
 
     def move() -> None:
         with imaplib.IMAP4_SSL(DROPLET_IPV4, 993, ssl_context=unverified(), timeout=60) as imap:
