@@ -55,6 +55,7 @@ from infra.lab import control
 from infra.lab.control import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, LabInfo
 from infra.lab.mail import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT, unverified
 from infra.offline import DROPLET_IPV4
+from infra.stack import stack_config
 
 PROBE = Path(__file__).with_name("guest_probe.py")
 MODES = ("spamassassin", "rspamd")
@@ -369,8 +370,6 @@ def convergence(info: LabInfo, switch_to: str | None) -> dict[str, Any]:
     # One alias more: a line in Postfix's alias map and one in its sender-login map, nothing else.
     # (The message size limit would be one main.cf line, but with webmail on it also sets nginx's
     # upload limit, so nginx is reloaded too, rightly.)
-    from infra.stack import stack_config
-
     aliases = [*stack_config(info.stack, info.overrides).get("aliases", []), "bench@example.net: alice@example.net"]
     started = time.perf_counter()
     seconds, result = applied(control.redeploy({"aliases": aliases}))

@@ -183,10 +183,16 @@ def _file(path: str, content: str, settings: Settings) -> BundleFile:
 STORAGE_POLICY = "/usr/local/sbin/mailroom-storage-policy"
 
 
-def until_listening(socket_path: str, seconds: int = 30) -> str:
-    """A shell command that returns once a milter answers on SOCKET_PATH (a unit's restart returns
-    before its daemon listens): the filter is up before Postfix is pointed at it."""
-    probe = f"import socket; socket.socket(socket.AF_UNIX).connect('{socket_path}')"
+def milter_dir(milter: str) -> str:
+    """The directory in Postfix's queue that holds a milter's socket (MILTER: relative to it)."""
+    return f"{QUEUE_DIR}/{milter.split('/')[0]}"
+
+
+def until_listening(milter: str, seconds: int = 30) -> str:
+    """A shell command that returns once a milter answers on its socket (MILTER: relative to
+    Postfix's queue; a unit's restart returns before its daemon listens): the filter is up before
+    Postfix is pointed at it."""
+    probe = f"import socket; socket.socket(socket.AF_UNIX).connect('{QUEUE_DIR}/{milter}')"
     return f'timeout {seconds} sh -c "until python3 -c \\"{probe}\\" 2>/dev/null; do sleep 0.2; done"'
 
 
@@ -198,10 +204,10 @@ def filter_services(settings: Settings) -> list[Service]:
                 "opendkim",
                 ("/etc/opendkim.conf", "/etc/opendkim/"),
                 # setgid postfix: the socket OpenDKIM makes there (UMask 007) is Postfix's group's.
-                prepare=(f"install -d -o opendkim -g postfix -m 2750 {QUEUE_DIR}/{OPENDKIM_MILTER.split('/')[0]}",),
+                prepare=(f"install -d -o opendkim -g postfix -m 2750 {milter_dir(OPENDKIM_MILTER)}",),
                 check=("opendkim -n -x /etc/opendkim.conf",),
                 # A restart: OpenDKIM re-reads keys on reload, but not its socket.
-                reload="systemctl restart opendkim && " + until_listening(f"{QUEUE_DIR}/{OPENDKIM_MILTER}"),
+                reload="systemctl restart opendkim && " + until_listening(OPENDKIM_MILTER),
             ),
             Service(
                 "spamassassin",
@@ -209,7 +215,7 @@ def filter_services(settings: Settings) -> list[Service]:
                 prepare=(f"install -d -o {SPAMD_USER} -g {SPAMD_USER} -m 0770 /var/lib/spamassassin/bayes",),
                 check=("spamassassin --lint",),
                 # A restart: spamd reads its options (children, --allow-tell) only when it starts.
-                reload="systemctl restart spamd spamass-milter && " + until_listening(f"{QUEUE_DIR}/{SPAMASS_MILTER}"),
+                reload="systemctl restart spamd spamass-milter && " + until_listening(SPAMASS_MILTER),
             ),
         ]
     return [
@@ -222,9 +228,9 @@ def filter_services(settings: Settings) -> list[Service]:
         Service(
             "rspamd",
             ("/etc/rspamd/",),
-            prepare=(f"install -d -o _rspamd -g postfix -m 0750 {QUEUE_DIR}/{RSPAMD_MILTER.split('/')[0]}",),
+            prepare=(f"install -d -o _rspamd -g postfix -m 0750 {milter_dir(RSPAMD_MILTER)}",),
             check=("rspamadm configtest",),
-            reload="systemctl reload-or-restart rspamd && " + until_listening(f"{QUEUE_DIR}/{RSPAMD_MILTER}"),
+            reload="systemctl reload-or-restart rspamd && " + until_listening(RSPAMD_MILTER),
         ),
     ]
 

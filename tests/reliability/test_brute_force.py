@@ -41,8 +41,9 @@ TIMEOUT = 60
 BAN_WAIT = 60
 # fail2ban ends a ban at the time of the failure it read plus the ban time (banmanager.addBanTicket),
 # not at the time it banned; a failure read late shortens the ban, and one read after the ban time
-# is ignored ("expired bantime"). A full CI run once read the failures about 12 s late and gave a
-# 12 s ban no time at all; 45 s leave a late read half a minute to be seen, and stay short to wait out.
+# is ignored ("expired bantime"). A full CI run once counted a 12 s ban that the test never saw (by
+# that rule, failures read about 12 s late); 45 s leave a late read half a minute to be seen, and
+# stay short to wait out.
 SHORT_BANTIME = 45
 SSH_PORT = 22
 
