@@ -1,5 +1,5 @@
-"""mailroom: a self-hosted mail server for one domain. See README.md and infra/program.py."""
+"""mailroom: a self-hosted mail server for one domain. See README.md and infra/cloud/program.py."""
 
-from infra.program import main
+from infra.cloud.program import main
 
 main()

@@ -51,11 +51,12 @@ from typing import Any
 
 from bench import floor
 from bench.program import DEFAULT_OUT, record
+from infra.core.facts import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT
+from infra.core.stack import stack_config
 from infra.lab import control
 from infra.lab.control import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, LabInfo
-from infra.lab.mail import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT, unverified
-from infra.offline import DROPLET_IPV4
-from infra.stack import stack_config
+from infra.lab.mail import unverified
+from infra.tools.rehearsal import DROPLET_IPV4
 
 PROBE = Path(__file__).with_name("guest_probe.py")
 MODES = ("spamassassin", "rspamd")

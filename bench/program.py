@@ -4,11 +4,11 @@ Two measurements, each in fresh interpreters (`sys.executable -c ...`), so Pytho
 cache is cold on every run (the operating system's file cache is not: files are read warm):
 
 - imports: one fresh process per run imports pulumi, then each provider SDK (with the lazily
-  loaded submodules the program uses), then `infra.program`, then the mock harness
-  `infra.offline`, timing each apart: an entry's time is what it adds on top of the entries
+  loaded submodules the program uses), then `infra.cloud.program`, then the mock harness
+  `infra.tools.rehearsal`, timing each apart: an entry's time is what it adds on top of the entries
   before it (pulumi's own dependencies are counted under pulumi). "total" is their sum.
 - evaluation: one fresh process does those imports first (untimed), then calls
-  `infra.offline.run_program(stack)` N times per stack, dev then prod, and reports min/median
+  `infra.tools.rehearsal.run_program(stack)` N times per stack, dev then prod, and reports min/median
   of the calls. The first call of each stack is also given apart: it generates the stand-in
   keys (RSA, Ed25519) that later calls reuse, as Pulumi state would, and warms caches.
   The process's peak RSS and the number of resources declared are recorded too.
@@ -57,8 +57,8 @@ IMPORTS: dict[str, tuple[str, ...]] = {
     "pulumi_command": ("pulumi_command", "pulumi_command.remote"),
     "pulumi_tls": ("pulumi_tls",),
     "pulumi_random": ("pulumi_random",),
-    "infra.program": ("infra.program", "infra.zone"),  # infra.zone: imported by program.build()
-    "infra.offline": ("infra.offline",),  # the mock harness, not the program
+    "infra.cloud.program": ("infra.cloud.program", "infra.cloud.zone"),  # infra.cloud.zone: imported by program.build()
+    "infra.tools.rehearsal": ("infra.tools.rehearsal",),  # the mock harness, not the program
 }
 _PROBE = "__mailroom_bench_probe__"  # an attribute no module has: asking for it loads a lazy module
 
@@ -149,7 +149,7 @@ def evaluate_worker(runs: int, out: str) -> None:
     for modules in IMPORTS.values():  # imported ahead, so that the calls time evaluation only
         for module in modules:
             hasattr(importlib.import_module(module), _PROBE)
-    from infra.offline import run_program
+    from infra.tools.rehearsal import run_program
 
     calls: dict[str, list[float]] = {}
     resources: dict[str, int] = {}

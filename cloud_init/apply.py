@@ -3,7 +3,7 @@
 
 Protocol
 --------
-Invocation: ``apply.py [--root DIR] [--dry-run]`` with one JSON bundle on stdin (infra/bundle.py, version 1)::
+Invocation: ``apply.py [--root DIR] [--dry-run]`` with one JSON bundle on stdin (infra/core/bundle.py, version 1)::
 
     {"version": 1,
      "files": [{"path": "/etc/...", "content": "...", "mode": 420, "owner": "root",

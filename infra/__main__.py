@@ -1,5 +1,5 @@
 import sys
 
-from infra.cli import main
+from infra.tools.cli import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from infra.offline import OfflineRun, run_program
+from infra.tools.rehearsal import OfflineRun, run_program
 
 _RUNS: dict[str, OfflineRun] = {}
 SPAM_FILTERS = ("spamassassin", "rspamd")

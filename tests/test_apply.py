@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from infra.bundle import Bundle, BundleFile, Service
+from infra.core.bundle import Bundle, BundleFile, Service
 
 APPLY = Path(__file__).resolve().parent.parent / "cloud_init" / "apply.py"
 

@@ -53,7 +53,7 @@ def test_program_benchmark_quick(tmp_path: Path) -> None:
         "pulumi_command",
         "pulumi_tls",
         "pulumi_random",
-        "infra.program",
+        "infra.cloud.program",
         "total",
     } <= imports.keys()
     for figure in imports.values():

@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.bootstrap import (
-    BOOTSTRAP_MARKER,
-    MAIL_DIR,
-    MOUNT_VOLUME_SCRIPT,
+from infra.core.facts import BOOTSTRAP_MARKER, MAIL_DIR, MOUNT_VOLUME_SCRIPT
+from infra.core.modes import packages
+from infra.core.render import render_bundle
+from infra.core.settings import Settings, parse_settings
+from infra.core.stack import stack_config
+from infra.core.user_data import (
     SWAP_BYTES,
     VOLUME_LABEL,
     mount_unit,
@@ -28,11 +30,7 @@ from infra.bootstrap import (
     render_user_data,
     volume_device,
 )
-from infra.packages import packages
-from infra.server import render_bundle
-from infra.settings import Settings, parse_settings
-from infra.stack import stack_config
-from infra.stand_ins import generated_secrets
+from infra.tools.stand_ins import generated_secrets
 
 IMAGES = ("ubuntu-24-04-x64", "debian-12-x64")
 SECRETS = generated_secrets()
@@ -139,14 +137,14 @@ def test_security_upgrades_are_automatic_and_fail2ban_is_enabled() -> None:
 
 
 def test_the_bootstrap_marker_waits_for_the_mail_volume() -> None:
-    from infra.provisioning import BOOTSTRAP_MARKER as WAITED_FOR
+    from infra.core.steps import WAIT
 
     document = cloud_config(settings_for())
     script = written(document, MOUNT_VOLUME_SCRIPT)
     assert script["permissions"] == "0755"
     assert script["content"] == render_mount_volume_script(settings_for())
     assert document["runcmd"][-1] == ["sh", "-c", f"{MOUNT_VOLUME_SCRIPT} && touch {BOOTSTRAP_MARKER}"]
-    assert WAITED_FOR == BOOTSTRAP_MARKER, "the deploy waits for the marker the bootstrap writes"
+    assert f"[ ! -e {BOOTSTRAP_MARKER} ]" in WAIT.create, "the deploy waits for the marker the bootstrap writes"
 
 
 @pytest.mark.parametrize("relay", ["ses", "smtp2go", "direct"])

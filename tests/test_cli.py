@@ -12,11 +12,11 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from infra import offline
-from infra.cli import OFFLINE_BANNER, PLACEHOLDER_DEPLOY_KEY, main
-from infra.records import dkim_public_key_body, records
-from infra.settings import parse_settings
-from infra.stack import stack_config
+from infra.core.dns import dkim_public_key_body, records
+from infra.core.settings import parse_settings
+from infra.core.stack import stack_config
+from infra.tools import rehearsal as offline
+from infra.tools.cli import OFFLINE_BANNER, PLACEHOLDER_DEPLOY_KEY, main
 from tests.conftest import offline_run
 
 

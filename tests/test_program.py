@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.bootstrap import render_user_data
-from infra.host import ANYWHERE, PUBLIC_TCP_PORTS, SSH_PORT
-from infra.offline import OfflineRun
-from infra.provisioning import APPLY_PATH, BOOTSTRAP_MARKER
-from infra.records import Record, records
-from infra.relay import smtp_endpoint
-from infra.settings import SettingsError
+from infra.cloud.host import ANYWHERE, PUBLIC_TCP_PORTS
+from infra.core.dns import Record, records
+from infra.core.facts import APPLY_PATH, BOOTSTRAP_MARKER, SSH_PORT
+from infra.core.facts import ses_smtp_endpoint as smtp_endpoint
+from infra.core.settings import SettingsError
+from infra.core.user_data import render_user_data
+from infra.tools.rehearsal import OfflineRun
 from tests.conftest import offline_run
 
 DROPLET = "digitalocean:index/droplet:Droplet"
@@ -279,7 +279,7 @@ def test_stack_outputs_are_few_and_named_for_users() -> None:
 
 
 def test_bad_settings_are_refused_before_any_resource_is_declared() -> None:
-    from infra import offline
+    from infra.tools import rehearsal as offline
 
     before = len(offline._GENERATED)
     with pytest.raises(SettingsError, match="relay: 'pigeon' is not accepted"):
@@ -299,7 +299,7 @@ def test_every_resource_urn_is_unique_and_every_child_has_a_component_parent() -
 
 
 def test_remote_steps_come_out_in_dependency_order_with_their_stdin() -> None:
-    from infra.offline import remote_steps
+    from infra.tools.rehearsal import remote_steps
 
     run = offline_run("dev")
     steps = remote_steps(run)
@@ -372,7 +372,7 @@ def test_ssh_keys_are_declared_and_the_droplet_boots_with_their_fingerprints() -
 def test_cloudflare_zone_is_looked_up_by_the_domain_name(stack: str) -> None:
     from pulumi.runtime.mocks import MockCallArgs
 
-    from infra.offline import NAME_SERVERS, StandInCloud
+    from infra.tools.rehearsal import NAME_SERVERS, StandInCloud
 
     run = offline_run(stack)
     (lookup,) = run.invokes(GET_ZONE)
@@ -458,8 +458,8 @@ def test_ses_identity_uses_easy_dkim_and_its_three_cnames_are_on_cloudflare(stac
 def engine_view(stack_text: str, tmp_path: Path, stack: str = "leaky") -> tuple[dict[str, str], list[str]]:
     """What the Pulumi engine hands the program for a stack file: config strings, and the keys it
     decrypted (those the file holds as `secure:`); encrypted values decrypt to stand-ins here."""
-    from infra.offline import engine_config
-    from infra.stack import stack_config
+    from infra.core.stack import stack_config
+    from infra.tools.rehearsal import engine_config
 
     (tmp_path / f"Pulumi.{stack}.yaml").write_text(stack_text)
     document = yaml.safe_load(stack_text)["config"]
@@ -468,14 +468,14 @@ def engine_view(stack_text: str, tmp_path: Path, stack: str = "leaky") -> tuple[
 
 
 def dev_config() -> tuple[dict[str, str], list[str]]:
-    from infra.offline import engine_config
-    from infra.stack import stack_config
+    from infra.core.stack import stack_config
+    from infra.tools.rehearsal import engine_config
 
     return engine_config(stack_config("dev")), ["mailroom:passwordHashes"]
 
 
 def test_the_real_entry_declares_the_stack_from_the_engines_config() -> None:
-    from infra.offline import run_entry
+    from infra.tools.rehearsal import run_entry
 
     config, secret = dev_config()
     entry = run_entry("dev", config, secret)
@@ -497,7 +497,7 @@ def test_the_real_entry_declares_the_stack_from_the_engines_config() -> None:
     ],
 )
 def test_the_real_entry_refuses_bad_settings_before_declaring_anything(given: dict[str, str], message: str) -> None:
-    from infra import offline
+    from infra.tools import rehearsal as offline
 
     config, secret = dev_config()
     before = dict(offline._GENERATED)
@@ -509,7 +509,7 @@ def test_the_real_entry_refuses_bad_settings_before_declaring_anything(given: di
 
 
 def test_the_real_entry_refuses_a_secret_stored_in_plain_text(tmp_path: Path) -> None:
-    from infra.offline import run_entry
+    from infra.tools.rehearsal import run_entry
 
     dev = (Path(__file__).resolve().parent.parent / "Pulumi.dev.yaml").read_text()
     relay = "  mailroom:relay: smtp2go\n  mailroom:smtp2goUsername: mailroom-user\n"

@@ -14,10 +14,19 @@ import dns.zone
 import pytest
 import spf
 
-from infra.records import TXT_CHUNK, Facts, Record, dkim_public_key_body, mta_sts_id, mta_sts_policy, records, zone_file
-from infra.settings import Settings, parse_settings
-from infra.stack import stack_config
-from infra.stand_ins import dkim_private_key_pem
+from infra.core.dns import (
+    TXT_CHUNK,
+    Facts,
+    Record,
+    dkim_public_key_body,
+    mta_sts_id,
+    mta_sts_policy,
+    records,
+    zone_file,
+)
+from infra.core.settings import Settings, parse_settings
+from infra.core.stack import stack_config
+from infra.tools.stand_ins import dkim_private_key_pem
 
 FACTS = Facts("203.0.113.10", "2001:db8:10::10", "MIIBIjANBgkq" + "A" * 380 + "IDAQAB", ("tok1", "tok2", "tok3"))
 

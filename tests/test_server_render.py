@@ -18,12 +18,12 @@ from pathlib import Path, PurePath
 
 import pytest
 
-from infra.bootstrap import render_user_data
-from infra.bundle import Bundle
-from infra.server import render_bundle
-from infra.settings import Settings, parse_settings
-from infra.stack import stack_config
-from infra.stand_ins import generated_secrets
+from infra.core.bundle import Bundle
+from infra.core.render import render_bundle
+from infra.core.settings import Settings, parse_settings
+from infra.core.stack import stack_config
+from infra.core.user_data import render_user_data
+from infra.tools.stand_ins import generated_secrets
 
 COMBINATIONS = [
     pytest.param(spam, relay, webmail, id=f"{spam}-{relay}-{'webmail' if webmail else 'nowebmail'}")
@@ -274,7 +274,7 @@ def test_nginx_accepts_the_sites(rendered: Rendered, spam: str, relay: str, webm
 
 
 def test_mta_sts_policy_served_is_the_one_published() -> None:
-    from infra.records import mta_sts_policy
+    from infra.core.dns import mta_sts_policy
 
     settings = settings_for("rspamd", "ses", False, mtaStsMode="enforce")
     served = render_bundle(settings, SECRETS).file("/var/www/mailroom/mta-sts/.well-known/mta-sts.txt").content
@@ -474,7 +474,7 @@ def test_the_host_resolves_through_the_local_validating_resolver(rendered: Rende
 
 
 def test_dovecot_waits_for_the_mail_volume() -> None:
-    from infra.bootstrap import MAIL_DIR
+    from infra.core.facts import MAIL_DIR
 
     bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
     drop_in = bundle.file("/etc/systemd/system/dovecot.service.d/mailroom.conf").content

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from infra.settings import (
+from infra.core.settings import (
     DmarcPolicy,
     Image,
     MtaStsMode,
@@ -16,7 +16,7 @@ from infra.settings import (
     load_schema,
     parse_settings,
 )
-from infra.stack import stack_config, stack_names
+from infra.core.stack import stack_config, stack_names
 
 PASSWORD_HASH = "{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuNSDiJ1QtDvGv5vVSpJ9FhZ6Qx4bEh1W"
 

@@ -1,6 +1,6 @@
 """The lab: `pulumi up` rehearsed on this machine.
 
-`up(stack)` evaluates the program for the stack under mocks (infra.offline), boots a fresh
+`up(stack)` evaluates the program for the stack under mocks (infra.tools.rehearsal), boots a fresh
 Debian 12 host with systemd-nspawn from the droplet's own rendered user-data (a NoCloud seed),
 stands in for the outside world in a second network namespace (DNS serving the records the
 program computes, SES's SMTP endpoint, Cloudflare's API for certbot, pebble as the ACME CA),
@@ -21,21 +21,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import dns.reversename
 
-from infra.bootstrap import volume_device
+from infra.core.dns import zone_file
+from infra.core.facts import ses_smtp_endpoint
+from infra.core.steps import Step
+from infra.core.user_data import volume_device
 from infra.lab import acme
 from infra.lab.image import build_image
 from infra.lab.netns import call_in
 from infra.lab.pki import IssuedCertificate, LabCA
-from infra.offline import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, remote_steps, run_program
-from infra.records import zone_file
-from infra.relay import smtp_endpoint
+from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, remote_steps, run_program
 
 # One lab per name: MAILROOM_LAB_NAME gives a second lab its own namespaces, state and cgroup,
 # so two can run side by side (the addresses repeat, but each pair of namespaces is its own net).
@@ -127,7 +128,7 @@ def make_certificates(run: OfflineRun) -> dict[str, IssuedCertificate]:
     outside server the host reaches by name."""
     ca = LabCA(STATE_DIR / "pki")
     return {
-        "ses": ca.issue("ses", [smtp_endpoint(run.settings.ses_region)]),
+        "ses": ca.issue("ses", [ses_smtp_endpoint(run.settings.ses_region)]),
         "cloudflare": ca.issue("cloudflare", [CLOUDFLARE_API]),
         "acme": ca.issue("acme", [acme.ACME_NAME], [ACME_IP]),
     }
@@ -156,7 +157,7 @@ def password_hash(password: str) -> str:
 
 def evaluate(stack: str, overrides: Mapping[str, Any]) -> tuple[OfflineRun, dict[str, str]]:
     """The program for the stack, with lab passwords (real hashes) in place of stand-ins."""
-    from infra.stack import stack_config
+    from infra.core.stack import stack_config
 
     addresses = [line.split()[0] for line in stack_config(stack, overrides).get("mailboxes", [])]
     passwords = lab_passwords(addresses)
@@ -178,7 +179,7 @@ def lab_zone(run: OfflineRun) -> str:
         # The stand-in root: the host's unbound primes from it (a root with no NS is lame to it).
         ". 3600 IN NS lab-root.",
         f"lab-root. 3600 IN A {DNS_IP}",
-        f"{smtp_endpoint(s.ses_region)}. 300 IN A {SES_IP}",
+        f"{ses_smtp_endpoint(s.ses_region)}. 300 IN A {SES_IP}",
         f"{CLOUDFLARE_API}. 300 IN A {CLOUDFLARE_IP}",
         f"{acme.ACME_NAME}. 300 IN A {ACME_IP}",
         f"{REMOTE_DOMAIN}. 300 IN A {REMOTE_IP}",
@@ -351,24 +352,24 @@ def ssh_argv(info: LabInfo, command: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_steps_result(info: LabInfo, step: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+def run_steps_result(info: LabInfo, step: Step) -> subprocess.CompletedProcess[str]:
     """One remote command, its result returned whatever it is (for tests of failures)."""
-    return subprocess.run(ssh_argv(info, step["create"]), input=step["stdin"] or "", capture_output=True,
+    return subprocess.run(ssh_argv(info, step.create), input=step.stdin or "", capture_output=True,
                           text=True, check=False, timeout=900)  # fmt: skip
 
 
-def run_steps(info: LabInfo, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_steps(info: LabInfo, steps: Sequence[Step]) -> list[dict[str, Any]]:
     """The program's remote commands, in order, as the command provider runs them: the create
     string through the remote shell, stdin piped. Output is reported, stdin never."""
     results = []
     for step in steps:
         started = time.monotonic()
         result = run_steps_result(info, step)
-        outcome = {"name": step["name"], "exit": result.returncode, "seconds": round(time.monotonic() - started, 1),
+        outcome = {"name": step.name, "exit": result.returncode, "seconds": round(time.monotonic() - started, 1),
                    "stdout": result.stdout.strip()[-2000:], "stderr": result.stderr.strip()[-2000:]}  # fmt: skip
         results.append(outcome)
         if result.returncode != 0:
-            raise LabError(f"remote command {step['name']} failed (exit {result.returncode}):\n{outcome['stderr']}")
+            raise LabError(f"remote command {step.name} failed (exit {result.returncode}):\n{outcome['stderr']}")
     return results
 
 
@@ -396,7 +397,7 @@ def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) 
     ses_user = str(run.outputs.get("sesSmtpUsername", ""))
     ses = certificates["ses"]
     processes["ses"] = _world_process("ses", [
-        *module, "ses", str(STATE_DIR / "ses"), SES_IP, smtp_endpoint(run.settings.ses_region), ses_user,
+        *module, "ses", str(STATE_DIR / "ses"), SES_IP, ses_smtp_endpoint(run.settings.ses_region), ses_user,
         str(secret_file("ses-password", str(run.outputs.get("sesSmtpPassword", "")))),
         str(ses.certificate), str(ses.key),
     ])  # fmt: skip
@@ -431,14 +432,14 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
         (STATE_DIR / "user-data").write_text(user_data)
         (STATE_DIR / "volume-path").write_text(volume_device(run.settings))
         boot_host(user_data, trusted_roots(), volume_device(run.settings))
-        steps = [{"name": s.name, "create": s.create, "stdin": s.stdin} for s in remote_steps(run)]
+        steps = remote_steps(run)
         info = LabInfo(stack, {**overrides, "passwordHashes": lab_hashes(run)}, DROPLET_IPV4, run.settings.admin_user,
                        str(key_file), passwords, ses_user, str(STATE_DIR / "ses"), DNS_IP, zone, [])  # fmt: skip
         info.save()
         wait_for_ssh()
         info.steps = [{k: v for k, v in r.items() if k != "stdin"} for r in run_steps(info, steps)]
         info.save()
-        secret_file("steps.json", json.dumps(steps))
+        secret_file("steps.json", json.dumps([asdict(s) for s in steps]))
         return info
     except BaseException:
         if not os.environ.get("MAILROOM_LAB_KEEP"):  # keep a failed lab up to look at it
@@ -448,13 +449,13 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
 
 def keep_state() -> None:
     """What Pulumi's state would keep between runs: the keys and passwords the mocks generated."""
-    from infra import offline
+    from infra.tools import rehearsal as offline
 
     secret_file("pulumi-state.json", json.dumps([[k, n, v] for (k, n), v in offline._GENERATED.items()]))
 
 
 def restore_state() -> None:
-    from infra import offline
+    from infra.tools import rehearsal as offline
 
     state = STATE_DIR / "pulumi-state.json"
     for kind, name, values in json.loads(state.read_text()) if state.exists() else []:
@@ -467,8 +468,7 @@ def redeploy(changes: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     restore_state()
     run = run_program(info.stack, {**info.overrides, **(changes or {})})
     keep_state()
-    steps = [{"name": s.name, "create": s.create, "stdin": s.stdin} for s in remote_steps(run)]
-    return run_steps(info, steps)
+    return run_steps(info, remote_steps(run))
 
 
 def reboot_host(info: LabInfo | None = None, timeout: float = 120) -> None:

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from infra.packages import BASE, DIRECT, SPAM, WEBMAIL
+from infra.core.modes import every_package
 
 CACHE = Path(os.environ.get("MAILROOM_LAB_CACHE", "/var/cache/mailroom-lab"))
 SUITE = "bookworm"
@@ -24,7 +24,7 @@ SYSTEM = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "cloud-init", "python3", "python3-cffi-backend",
     "locales", "sudo", "iproute2", "ca-certificates", "openssl", "procps", "cron", "less", "psmisc",
 )  # fmt: skip
-MAIL_STACK = (*BASE, *[p for names in SPAM.values() for p in names], *WEBMAIL, *DIRECT, "php-cli")
+MAIL_STACK = (*every_package(), "php-cli")
 
 
 def configured_mirror() -> str:

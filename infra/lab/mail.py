@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.core.facts import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT
 from infra.lab.control import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, LabInfo, in_netns
-from infra.offline import DROPLET_IPV4
+from infra.tools.rehearsal import DROPLET_IPV4
 
-SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, IMAPS_PORT = 25, 587, 465, 993
 TIMEOUT = 60
 
 

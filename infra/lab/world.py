@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-SMTP_PORT, SUBMISSION_PORT = 25, 587
+from infra.core.facts import SUBMISSION_PORT
 
 
 class ReloadingZone:

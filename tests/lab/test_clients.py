@@ -15,10 +15,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from infra.core.facts import IMAPS_PORT
 from infra.lab import control
 from infra.lab.control import REMOTE_DOMAIN, WORLD_NS, LabInfo
-from infra.lab.mail import IMAPS_PORT, find, message, send_inbound, unverified
-from infra.offline import DROPLET_IPV4
+from infra.lab.mail import find, message, send_inbound, unverified
+from infra.tools.rehearsal import DROPLET_IPV4
 
 pytestmark = [pytest.mark.lab]
 MANAGESIEVE_PORT = 4190

@@ -13,21 +13,23 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import dns.rdata
 import dns.resolver
 import pytest
 
-from infra.bootstrap import MAIL_DIR, volume_device
+from infra.core.dns import records
+from infra.core.facts import MAIL_DIR, PROJECT_DIR
+from infra.core.facts import ses_smtp_endpoint as smtp_endpoint
+from infra.core.settings import parse_settings
+from infra.core.stack import stack_config
+from infra.core.steps import Step
+from infra.core.user_data import volume_device
 from infra.lab import control, image
 from infra.lab.control import DNS_IP, SES_IP, WORLD_NS, LabInfo, in_netns
 from infra.lab.mail import starttls_as
-from infra.offline import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, run_program
-from infra.records import records
-from infra.relay import smtp_endpoint
-from infra.settings import PROJECT_DIR, parse_settings
-from infra.stack import stack_config
+from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, run_program
 
 pytestmark = [
     pytest.mark.lab,
@@ -109,14 +111,10 @@ def test_postfix_names_itself_after_the_host_not_the_build_machine(lab: LabInfo)
 
 def test_remote_commands_run_in_order_with_stdin_and_stop_at_the_first_failure(lab: LabInfo) -> None:
     secret = "not-for-the-logs-4711"
-    steps: list[dict[str, Any]] = [
-        {
-            "name": "write",
-            "create": "umask 077; cat > /tmp/lab-stdin && wc -c < /tmp/lab-stdin",
-            "stdin": secret + "\n",
-        },
-        {"name": "shell", "create": 'echo "$0" "$USER"; exit 3', "stdin": None},
-        {"name": "never", "create": "touch /tmp/lab-never", "stdin": None},
+    steps = [
+        Step("write", "umask 077; cat > /tmp/lab-stdin && wc -c < /tmp/lab-stdin", secret + "\n"),
+        Step("shell", 'echo "$0" "$USER"; exit 3'),
+        Step("never", "touch /tmp/lab-never"),
     ]
     with pytest.raises(control.LabError, match="remote command shell failed") as failed:
         control.run_steps(lab, steps)

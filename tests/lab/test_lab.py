@@ -19,19 +19,14 @@ from pathlib import Path
 import dkim
 import pytest
 
+from infra.core.dns import records
+from infra.core.facts import SUBMISSIONS_PORT
+from infra.core.stack import stack_config
+from infra.core.steps import Step
 from infra.lab import control
 from infra.lab.control import REMOTE_DOMAIN
-from infra.lab.mail import (
-    SUBMISSIONS_PORT,
-    find,
-    message,
-    relayed,
-    send_inbound,
-    submit,
-)
-from infra.offline import DROPLET_IPV4, DROPLET_IPV6
-from infra.records import records
-from infra.stack import stack_config
+from infra.lab.mail import find, message, relayed, send_inbound, submit
+from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6
 
 pytestmark = [
     pytest.mark.lab,
@@ -211,7 +206,8 @@ def test_mail_from_a_logged_in_user_is_relayed_unscanned(lab: control.LabInfo) -
     any setting applies.)"""
     import time
 
-    from infra.lab.mail import SUBMISSION_PORT, unverified
+    from infra.core.facts import SUBMISSION_PORT
+    from infra.lab.mail import unverified
 
     user, password = alice(lab)
     tag = f"SUSPENDED{time.time_ns()}"
@@ -278,8 +274,8 @@ def test_the_records_served_are_the_programs(lab: control.LabInfo) -> None:
 
 
 def records_for_lab() -> list:  # type: ignore[type-arg]
-    from infra.records import Facts
-    from infra.settings import parse_settings
+    from infra.core.dns import Facts
+    from infra.core.settings import parse_settings
 
     settings = parse_settings(stack_config("dev"))
     return records(settings, Facts(DROPLET_IPV4, DROPLET_IPV6, base64.b64encode(b"k").decode()))
@@ -300,8 +296,8 @@ def https_get(host: str, path: str) -> tuple[int, str]:
 
 
 def test_mta_sts_policy_is_served_with_the_id_published_in_dns(lab: control.LabInfo) -> None:
-    from infra.records import mta_sts_id, mta_sts_policy
-    from infra.settings import parse_settings
+    from infra.core.dns import mta_sts_id, mta_sts_policy
+    from infra.core.settings import parse_settings
 
     settings = parse_settings(stack_config("dev", lab.overrides))
     status, policy = https_get("mta-sts.example.net", "/.well-known/mta-sts.txt")
@@ -412,7 +408,7 @@ def test_a_bundle_failing_its_checks_is_refused_and_the_server_keeps_working(lab
     main_cf = next(f for f in bundle["files"] if f["path"] == "/etc/postfix/main.cf")
     main_cf["content"] += "this line is not a parameter\n"  # postfix check refuses it
     before = control.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout
-    result = control.run_steps_result(lab, {**apply, "stdin": json.dumps(bundle)})
+    result = control.run_steps_result(lab, Step(**{**apply, "stdin": json.dumps(bundle)}))
     assert result.returncode == 1
     assert "service postfix" in result.stderr and "refused before any was live" in result.stderr
     assert control.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout == before

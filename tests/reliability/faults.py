@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.core.facts import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT
 from infra.lab import control
 from infra.lab.control import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, LabInfo
-from infra.lab.mail import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT, message, unverified
-from infra.offline import DROPLET_IPV4
+from infra.lab.mail import message, unverified
+from infra.tools.rehearsal import DROPLET_IPV4
 
 TIMEOUT = 30
 

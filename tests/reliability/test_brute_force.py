@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from infra.core.facts import IMAPS_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT
 from infra.lab import control
 from infra.lab.control import WORLD_NS, LabInfo
-from infra.lab.mail import IMAPS_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, unverified
-from infra.offline import DROPLET_IPV4
+from infra.lab.mail import unverified
+from infra.tools.rehearsal import DROPLET_IPV4
 
 pytestmark = [pytest.mark.lab, pytest.mark.reliability]
 

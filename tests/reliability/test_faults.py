@@ -19,9 +19,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from infra.core.facts import SUBMISSION_PORT
 from infra.lab import control
 from infra.lab.control import REMOTE_DOMAIN, LabInfo
-from infra.lab.mail import SUBMISSION_PORT, message
+from infra.lab.mail import message
 from tests.reliability.faults import (
     Outcome,
     flush_queue,
@@ -135,9 +136,10 @@ def test_a_recipient_the_relay_refuses_bounces_to_the_sender_and_the_others_are_
 def fetch_all(user: str, password: str) -> list[email.message.Message]:
     import imaplib
 
+    from infra.core.facts import IMAPS_PORT
     from infra.lab.control import WORLD_NS
-    from infra.lab.mail import IMAPS_PORT, unverified
-    from infra.offline import DROPLET_IPV4
+    from infra.lab.mail import unverified
+    from infra.tools.rehearsal import DROPLET_IPV4
 
     def fetch() -> list[email.message.Message]:
         with imaplib.IMAP4_SSL(DROPLET_IPV4, IMAPS_PORT, ssl_context=unverified(), timeout=30) as imap:
@@ -328,9 +330,10 @@ def test_mail_accepted_before_a_reboot_is_delivered_exactly_once_after_it(lab: L
 def test_a_replaced_host_on_the_same_volume_keeps_every_mailbox_message_and_the_dkim_key(lab: LabInfo) -> None:
     import imaplib
 
+    from infra.core.facts import IMAPS_PORT
     from infra.lab.control import WORLD_NS
-    from infra.lab.mail import IMAPS_PORT, unverified
-    from infra.offline import DROPLET_IPV4
+    from infra.lab.mail import unverified
+    from infra.tools.rehearsal import DROPLET_IPV4
 
     user, password = alice(lab)
     bob = ("bob@example.net", lab.passwords["bob@example.net"])

@@ -22,7 +22,7 @@ import pytest
 
 from infra.lab import control
 from infra.lab.control import WORLD_NS, LabInfo
-from infra.offline import DROPLET_IPV4
+from infra.tools.rehearsal import DROPLET_IPV4
 
 pytestmark = [pytest.mark.lab, pytest.mark.reliability]
 

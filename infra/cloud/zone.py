@@ -1,4 +1,4 @@
-"""MailZone: the Cloudflare side — every record of infra.records, and certbot's DNS token."""
+"""MailZone: the Cloudflare side — every record of infra.core.dns, and certbot's DNS token."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import operator
 import pulumi
 import pulumi_cloudflare as cloudflare
 
-from infra.records import Facts, Record, records
-from infra.settings import Settings
+from infra.core.dns import Facts, Record, records
+from infra.core.settings import Settings
 
 COMMENT = "managed by mailroom (Pulumi)"
 DNS_WRITE = "DNS Write"

@@ -2,7 +2,7 @@
 
 It runs once, at first boot, and holds no secret (DigitalOcean shows user-data to anyone with
 API access). Everything else reaches the server through the remote commands
-(infra.provisioning), so a change never needs a new droplet.
+(infra.cloud.provisioning), so a change never needs a new droplet.
 """
 
 from __future__ import annotations
@@ -11,15 +11,10 @@ from pathlib import Path
 
 import jinja2
 
-from infra.packages import packages
-from infra.settings import Settings
+from infra.core.facts import BOOTSTRAP_MARKER, CLOUD_INIT, MAIL_DIR, MOUNT_VOLUME_SCRIPT
+from infra.core.modes import packages
+from infra.core.settings import Settings
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "cloud_init"
-MAIL_DIR = "/var/mail/vhosts"
-# Written by the last step of the bootstrap; the deploy waits for it before sending the bundle.
-BOOTSTRAP_MARKER = "/var/lib/mailroom-bootstrapped"
-# Installed by the user-data, run by its runcmd; an administrator may run it again by hand.
-MOUNT_VOLUME_SCRIPT = "/usr/local/sbin/mailroom-mount-volume"
 VOLUME_LABEL = "mailroom"
 # DigitalOcean attaches a volume within seconds of the droplet's creation; the packages take
 # minutes before this runs, so five minutes more means the attachment itself failed.
@@ -33,7 +28,7 @@ def volume_device(settings: Settings) -> str:
     return f"/dev/disk/by-id/scsi-0DO_Volume_{settings.volume_name}"
 
 
-def template_environment(directory: Path = TEMPLATES) -> jinja2.Environment:
+def template_environment(directory: Path = CLOUD_INIT) -> jinja2.Environment:
     """Templates are the files the server gets: no escaping, no undefined value let through."""
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(directory),

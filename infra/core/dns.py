@@ -1,9 +1,9 @@
 """Every DNS record the mail domain needs, computed once, from settings and deploy-time facts.
 
-`records(settings, facts)` is the one list. It becomes Cloudflare records (infra.zone), the
-BIND zone file (`python -m infra zone`), the lab's DNS server and the status checks. Which
-records exist depends only on the settings; the facts (addresses, keys, SES tokens) only fill
-in values, so the Cloudflare resources can be declared before the facts are known.
+`records(settings, facts)` is the one list. It becomes Cloudflare records (infra.cloud.zone), the
+BIND zone file (`python -m infra zone`) and the lab's DNS server. Which records exist depends
+only on the settings; the facts (addresses, keys, SES tokens) only fill in values, so the
+Cloudflare resources can be declared before the facts are known.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from infra.settings import MtaStsMode, Relay, Settings
+from infra.core.facts import IMAPS_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT
+from infra.core.settings import MtaStsMode, Relay, Settings
 
 TXT_CHUNK = 255
 # Host addresses change when the droplet is replaced: keep their TTL short.
@@ -21,10 +22,6 @@ TTL_DEFAULT = 3600
 MX_PRIORITY = 10
 MAIL_FROM_LABEL = "bounce"
 SES_DKIM_TOKENS = 3
-
-SUBMISSION_PORT = 587
-SUBMISSIONS_PORT = 465
-IMAPS_PORT = 993
 
 # The relay's SPF mechanism, published in the domain's SPF next to the server's own mx.
 RELAY_SPF: dict[Relay, str] = {

@@ -8,16 +8,12 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from infra.records import MAIL_FROM_LABEL
-from infra.settings import Settings
+from infra.core.dns import MAIL_FROM_LABEL
+from infra.core.facts import ses_smtp_endpoint
+from infra.core.settings import Settings
 
-SES_SMTP_PORT = 587
 # Events the owner must hear about: they decide the account's reputation and sandbox status.
 NOTIFIED_EVENTS = ("BOUNCE", "COMPLAINT", "REJECT", "RENDERING_FAILURE")
-
-
-def smtp_endpoint(region: str) -> str:
-    return f"email-smtp.{region}.amazonaws.com"
 
 
 def send_policy(identity_arn: str, configuration_set_arn: str, domain: str) -> str:
@@ -75,7 +71,7 @@ class SesRelay(pulumi.ComponentResource):
         provider = aws.Provider(f"{name}-aws", region=settings.ses_region, opts=pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, provider=provider)
         domain = settings.domain
-        self.endpoint = smtp_endpoint(settings.ses_region)
+        self.endpoint = ses_smtp_endpoint(settings.ses_region)
 
         config_set = aws.sesv2.ConfigurationSet(
             f"{name}-events",

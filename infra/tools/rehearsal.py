@@ -29,9 +29,10 @@ from pulumi.runtime.config import set_all_config
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
-from infra.records import Facts, dkim_public_key_body
-from infra.settings import Settings, SettingsError, load_schema, parse_settings
-from infra.stack import PROJECT, stack_config
+from infra.core.dns import Facts, dkim_public_key_body
+from infra.core.settings import Settings, SettingsError, load_schema, parse_settings
+from infra.core.stack import PROJECT, stack_config
+from infra.core.steps import Step
 
 SIG_KEY = "4dabf18193072939515e22adb298388d"
 SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
@@ -329,7 +330,7 @@ def _run(program_body: Callable[[], Any]) -> None:
 
 def run_program(stack: str, overrides: Mapping[str, Any] | None = None) -> OfflineRun:
     """Evaluate the program for a stack under mocks and return everything it declared."""
-    from infra import program
+    from infra.cloud import program
 
     raw = stack_config(stack, overrides)
     schema = load_schema()
@@ -361,13 +362,13 @@ class EntryRun:
 
 
 def run_entry(stack: str, config: Mapping[str, str], secret_keys: Iterable[str]) -> EntryRun:
-    """Run `infra.program.main` under mocks, with the config exactly as the engine hands it over.
+    """Run `infra.cloud.program.main` under mocks, with the config exactly as the engine hands it over.
 
     `config` is namespaced and stringly typed ("mailroom:volumeSizeGb": "25"), `secret_keys` the
     namespaced keys the stack file holds encrypted. Nothing is validated here first: the entry
     itself must refuse bad settings, and `error` says how, with what was declared before it.
     """
-    from infra import program
+    from infra.cloud import program
 
     monitor = _fresh_mocks(stack, config, secret_keys)
 
@@ -381,27 +382,15 @@ def run_entry(stack: str, config: Mapping[str, str], secret_keys: Iterable[str])
     return EntryRun(monitor.declared, None)
 
 
-@dataclass(frozen=True)
-class RemoteStep:
-    """A remote command as the program declared it: what the lab runs over SSH, in order."""
-
-    name: str
-    create: str
-    stdin: str | None
-
-    def __repr__(self) -> str:  # stdin holds the bundle and its secrets
-        return f"RemoteStep({self.name!r}, stdin={'yes' if self.stdin else 'no'})"
-
-
-def remote_steps(run: OfflineRun) -> list[RemoteStep]:
+def remote_steps(run: OfflineRun) -> list[Step]:
     """The run's `command.remote.Command`s in dependency order (each after those it depends on)."""
     pending = {r.urn: r for r in run.of_type("command:remote:Command")}
-    ordered: list[RemoteStep] = []
+    ordered: list[Step] = []
     while pending:
         ready = [r for r in pending.values() if not (set(r.dependencies) & set(pending))]
         if not ready:
             raise ValueError("the remote commands depend on each other in a cycle")
         for r in sorted(ready, key=lambda r: r.name):
-            ordered.append(RemoteStep(r.name, r.inputs["create"], r.inputs.get("stdin")))
+            ordered.append(Step(r.name, r.inputs["create"], r.inputs.get("stdin")))
             del pending[r.urn]
     return ordered

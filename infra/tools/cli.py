@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from infra.settings import SettingsError, parse_settings
-from infra.stack import StackError, parse_override, stack_config, stack_names
+from infra.core.settings import SettingsError, parse_settings
+from infra.core.stack import StackError, parse_override, stack_config, stack_names
 
 # A multi-line text input (a script, a config) is shown in full up to this many lines; longer
 # ones (the user-data, the apply script) are summarised, with where to read them in full.
@@ -104,7 +104,7 @@ def shown_lines(key: str, value: Any, pad: str) -> list[str]:
 
 def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
     """The resource tree the program declares, secrets masked, as lines of text."""
-    from infra.offline import run_program
+    from infra.tools.rehearsal import run_program
 
     run = run_program(stack, overrides)
     children: dict[str, list[Any]] = {}
@@ -140,8 +140,8 @@ def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
 
 def zone_text(stack: str, overrides: dict[str, Any]) -> str:
     """The zone file, with the stand-in facts of an offline run (addresses, keys, SES tokens)."""
-    from infra.offline import run_program
-    from infra.records import zone_file
+    from infra.core.dns import zone_file
+    from infra.tools.rehearsal import run_program
 
     run = run_program(stack, overrides)
     facts = run.facts()
@@ -172,9 +172,9 @@ def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets
     ignores); with generated secrets it is a fresh key, whose private half is written to
     OUT/deploy-key (mode 0600) so the render can be deployed by hand.
     """
-    from infra.bootstrap import render_user_data
-    from infra.server import render_bundle
-    from infra.stand_ins import generated_secrets, placeholder_secrets
+    from infra.core.render import render_bundle
+    from infra.core.user_data import render_user_data
+    from infra.tools.stand_ins import generated_secrets, placeholder_secrets
 
     settings = parse_settings(stack_config(stack, overrides))
     secrets = generated_secrets() if generate_secrets else placeholder_secrets()
@@ -190,7 +190,7 @@ def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets
         written.append(target)
     else:
         deploy_key = PLACEHOLDER_DEPLOY_KEY
-    # As infra.program does: the deploy key joins the admin's keys in the user-data.
+    # As infra.cloud.program does: the deploy key joins the admin's keys in the user-data.
     with_deploy_key = dataclasses.replace(settings, ssh_public_keys=(*settings.ssh_public_keys, deploy_key))
     target = out / "user-data"
     target.write_text(render_user_data(with_deploy_key))

@@ -1,6 +1,6 @@
 """The bundle: every file the server gets, and what to do when they change.
 
-A `Bundle` is plain data. The server render (infra.server) produces it from settings and
+A `Bundle` is plain data. The server render (infra.core.render) produces it from settings and
 secrets; the provisioning component sends it, as JSON on the stdin of one remote command, to
 the apply script (cloud_init/apply.py), which first runs each changed service's prepare steps
 and checker on the new files in a private mount namespace (the new files overlaid on the live

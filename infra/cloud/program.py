@@ -11,17 +11,17 @@ import pulumi_random as random
 import pulumi_tls as tls
 from pulumi.runtime import config as runtime_config
 
-from infra.bootstrap import render_user_data
-from infra.bundle import ServerSecrets
-from infra.host import MailHost
-from infra.provisioning import Provisioning
-from infra.records import Facts, dkim_public_key_body
-from infra.relay import SesRelay
-from infra.server import certificate_names, render_bundle
-from infra.settings import Relay, Settings, decode_config_value, load_schema, parse_settings
-from infra.stack import PROJECT
+from infra.cloud.host import MailHost
+from infra.cloud.provisioning import Provisioning
+from infra.cloud.relay import SesRelay
+from infra.core.bundle import ServerSecrets
+from infra.core.dns import Facts, dkim_public_key_body
+from infra.core.facts import SMTP2GO_HOST
+from infra.core.render import certificate_names, render_bundle
+from infra.core.settings import Relay, Settings, decode_config_value, load_schema, parse_settings
+from infra.core.stack import PROJECT
+from infra.core.user_data import render_user_data
 
-SMTP2GO_ENDPOINT = "mail.smtp2go.com"
 WEBMAIL_KEY_LENGTH = 24
 
 
@@ -58,7 +58,7 @@ def build(settings: Settings) -> dict[str, Any]:
         lambda v: Facts(v[0], v[1], dkim_public_key_body(v[2]), tuple(v[3]))
     )
 
-    from infra.zone import MailZone  # imported here: pulumi_cloudflare takes seconds to import
+    from infra.cloud.zone import MailZone  # imported here: pulumi_cloudflare takes seconds to import
 
     zone = MailZone("zone", settings, facts)
 
@@ -68,7 +68,7 @@ def build(settings: Settings) -> dict[str, Any]:
     elif settings.relay is Relay.SMTP2GO:
         relay_user = pulumi.Output.from_input(settings.smtp2go_username)
         relay_password = pulumi.Output.secret(settings.smtp2go_password.reveal())
-        endpoint = SMTP2GO_ENDPOINT
+        endpoint = SMTP2GO_HOST
     else:
         relay_user = relay_password = pulumi.Output.from_input("")
         endpoint = ""

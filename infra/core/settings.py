@@ -17,8 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-PROJECT_FILE = PROJECT_DIR / "Pulumi.yaml"
+from infra.core.facts import PROJECT_FILE
 
 
 class Relay(StrEnum):

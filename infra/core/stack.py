@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from infra.settings import PROJECT_DIR
+from infra.core.facts import PROJECT_DIR
 
 PROJECT = "mailroom"
 

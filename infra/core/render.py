@@ -1,27 +1,32 @@
 """The server bundle: every file the server gets, rendered from settings and secrets (pure).
 
 Templates live under cloud_init/files/<layer>/<destination path>.j2. The `common` layer is
-always rendered; the spam filter picks the `spamassassin` or `rspamd` layer, webmail adds the
-`webmail` layer, and the relay picks its snippet in cloud_init/files/relay/. Choices pick files;
-templates only fill in values.
+always rendered; each chosen mode (infra.core.modes: spam filter, relay, webmail) adds its
+layers. A template whose name starts with `_` is a part another template includes (a relay's
+lines of main.cf), never a file of its own. Choices pick files; templates only fill in values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from infra.bootstrap import MAIL_DIR, template_environment
-from infra.bundle import Bundle, BundleFile, ServerSecrets, Service
-from infra.packages import DIRECT, SPAM, WEBMAIL, packages
-from infra.records import mta_sts_policy
-from infra.relay import smtp_endpoint
-from infra.settings import MESSAGE_MB_RANGE, Relay, Settings, SpamFilter
+from infra.core.bundle import Bundle, BundleFile, ServerSecrets, Service
+from infra.core.dns import mta_sts_policy
+from infra.core.facts import MAIL_DIR, QUEUE_DIR, SERVER_FILES
+from infra.core.modes import (
+    COMMON_SECRET_FILES,
+    OPENDKIM_MILTER,
+    RSPAMD_MILTER,
+    SPAMD_USER,
+    Owner,
+    absent_packages,
+    chosen,
+    packages,
+)
+from infra.core.settings import MESSAGE_MB_RANGE, Settings
+from infra.core.user_data import template_environment
 
-FILES = Path(__file__).resolve().parent.parent / "cloud_init" / "files"
-SMTP2GO_HOST = "mail.smtp2go.com"
-SPAMD_USER = "debian-spamd"
 # spamd children: each holds ≈ 50 MB; two keep SpamAssassin within a 1 GB droplet.
 SPAMD_CHILDREN = 2
 REDIS_MAX_MEMORY = "64mb"
@@ -33,33 +38,22 @@ DQS_ZONE = "{key}.zen.dq.spamhaus.net"
 DQS_FILTER = "=127.0.0.[2..11]*3"
 PUBLIC_ZEN = "zen.spamhaus.org"
 
-# Which files are secret, and who may read them (mode, owner, group).
-SECRET_FILES: dict[str, tuple[int, str, str]] = {
-    "/etc/postfix/sasl_passwd": (0o600, "root", "root"),
-    # postscreen opens it as root, before it drops privileges; the group is a safety margin.
-    "/etc/postfix/dnsbl_reply_map": (0o640, "root", "postfix"),
-    "/etc/dovecot/users": (0o640, "root", "dovecot"),
-    "/etc/letsencrypt/mailroom-cloudflare.ini": (0o600, "root", "root"),
-    "/etc/opendkim/keys/{selector}.private": (0o600, "opendkim", "opendkim"),
-    "/etc/rspamd/dkim/{selector}.key": (0o640, "root", "_rspamd"),
-    "/etc/roundcube/config.inc.php": (0o640, "root", "www-data"),
-}
 # main.cf holds the Spamhaus DQS key (postscreen_dnsbl_sites) when one is set. Postfix's daemons
 # read it as root; only local users running sendmail themselves lose it, and they have no mail here.
-MAIN_CF_WITH_KEY = ("/etc/postfix/main.cf", (0o640, "root", "postfix"))
+MAIN_CF_WITH_KEY: tuple[str, Owner] = ("/etc/postfix/main.cf", (0o640, "root", "postfix"))
 
 POSTFIX_MAPS = ("virtual_mailboxes", "virtual_aliases", "sender_logins")
+# The part of main.cf each relay brings, in its own layer.
+RELAY_PART = "_relay.cf.j2"
 
 
 def layers(settings: Settings) -> tuple[str, ...]:
-    chosen: tuple[str, ...] = ("common", settings.spam_filter.value)
-    chosen += ("webmail",) if settings.webmail else ()
-    return (*chosen, "direct") if settings.relay is Relay.DIRECT else chosen
+    spam, relay, webmail = chosen(settings)
+    return ("common", *spam.layers, *webmail.layers, *relay.layers)
 
 
 def relay_host(settings: Settings) -> str:
-    hosts = {Relay.SES: smtp_endpoint(settings.ses_region), Relay.SMTP2GO: SMTP2GO_HOST, Relay.DIRECT: ""}
-    return hosts[settings.relay]
+    return chosen(settings)[1].host(settings)
 
 
 def sender_logins(settings: Settings) -> list[tuple[str, list[str]]]:
@@ -73,28 +67,9 @@ def sender_logins(settings: Settings) -> list[tuple[str, list[str]]]:
     return sorted(logins.items())
 
 
-# Relative to Postfix's queue directory, /var/spool/postfix; each in a directory of its own that
-# only its daemon and Postfix's group may enter.
-RSPAMD_MILTER = "rspamd/milter.sock"
-OPENDKIM_MILTER = "opendkim/opendkim.sock"
-SPAMASS_MILTER = "spamass/spamass.sock"
-QUEUE_DIR = "/var/spool/postfix"
-
-
 def milters(settings: Settings) -> dict[str, str]:
     """Inbound mail is verified and scanned; submitted mail is only signed, never scanned."""
-    # Unix sockets in Postfix's queue directory (reachable from its chroot), not TCP on loopback:
-    # over TCP, milter commands and delayed ACKs cost ≈ 40 ms per message (bench/README.md).
-    if settings.spam_filter is SpamFilter.RSPAMD:
-        # rspamd tells authenticated mail apart itself: it signs it and skips the spam checks.
-        both = f"unix:{RSPAMD_MILTER}"
-        return {"smtpd_milters": both, "non_smtpd_milters": both, "submission_milters": both}
-    dkim = f"unix:{OPENDKIM_MILTER}"
-    return {
-        "smtpd_milters": f"{dkim}, unix:{SPAMASS_MILTER}",
-        "non_smtpd_milters": dkim,
-        "submission_milters": dkim,
-    }
+    return dict(chosen(settings)[0].milters)
 
 
 def certificate_names(settings: Settings) -> list[str]:
@@ -113,9 +88,10 @@ def dnsbl(settings: Settings) -> tuple[list[str], list[tuple[str, str]]]:
     return sites, shown
 
 
-def secret_files(settings: Settings) -> dict[str, tuple[int, str, str]]:
+def secret_files(settings: Settings) -> dict[str, Owner]:
     """Destination path -> (mode, owner, group) of every file that holds a secret."""
-    paths = {p.format(selector=settings.dkim_selector): v for p, v in SECRET_FILES.items()}
+    tables = [COMMON_SECRET_FILES, *(mode.secret_files for mode in chosen(settings))]
+    paths = {p.format(selector=settings.dkim_selector): v for table in tables for p, v in table.items()}
     if settings.spamhaus_dqs_key:
         paths[MAIN_CF_WITH_KEY[0]] = MAIN_CF_WITH_KEY[1]
     return paths
@@ -139,7 +115,7 @@ def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
         "dnsbl_sites": ", ".join(sites),
         "dnsbl_reply_map": shown,
         "spam_filter": settings.spam_filter.value,
-        "relay_snippet": f"relay/{settings.relay.value}.cf.j2",
+        "relay_snippet": f"{chosen(settings)[1].layers[0]}/{RELAY_PART}",
         "relay_host": relay_host(settings),
         "relay_username": secrets.relay_username,
         "relay_password": secrets.relay_password,
@@ -163,11 +139,10 @@ def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
 def _templates(settings: Settings) -> Iterator[tuple[str, str]]:
     """(template name, destination path) of every file the settings call for."""
     for layer in layers(settings):
-        for template in sorted((FILES / layer).rglob("*.j2")):
-            relative = template.relative_to(FILES / layer)
-            yield f"{layer}/{relative}", "/" + str(relative.with_suffix(""))
-    if settings.relay is not Relay.DIRECT:
-        yield "relay/sasl_passwd.j2", "/etc/postfix/sasl_passwd"
+        for template in sorted((SERVER_FILES / layer).rglob("*.j2")):
+            relative = template.relative_to(SERVER_FILES / layer)
+            if not relative.name.startswith("_"):
+                yield f"{layer}/{relative}", "/" + str(relative.with_suffix(""))
 
 
 def _file(path: str, content: str, settings: Settings) -> BundleFile:
@@ -183,63 +158,10 @@ def _file(path: str, content: str, settings: Settings) -> BundleFile:
 STORAGE_POLICY = "/usr/local/sbin/mailroom-storage-policy"
 
 
-def milter_dir(milter: str) -> str:
-    """The directory in Postfix's queue that holds a milter's socket (MILTER: relative to it)."""
-    return f"{QUEUE_DIR}/{milter.split('/')[0]}"
-
-
-def until_listening(milter: str, seconds: int = 30) -> str:
-    """A shell command that returns once a milter answers on its socket (MILTER: relative to
-    Postfix's queue; a unit's restart returns before its daemon listens): the filter is up before
-    Postfix is pointed at it."""
-    probe = f"import socket; socket.socket(socket.AF_UNIX).connect('{QUEUE_DIR}/{milter}')"
-    return f'timeout {seconds} sh -c "until python3 -c \\"{probe}\\" 2>/dev/null; do sleep 0.2; done"'
-
-
-def filter_services(settings: Settings) -> list[Service]:
-    """The spam filter's daemons (and the DKIM signer beside SpamAssassin)."""
-    if settings.spam_filter is SpamFilter.SPAMASSASSIN:
-        return [
-            Service(
-                "opendkim",
-                ("/etc/opendkim.conf", "/etc/opendkim/"),
-                # setgid postfix: the socket OpenDKIM makes there (UMask 007) is Postfix's group's.
-                prepare=(f"install -d -o opendkim -g postfix -m 2750 {milter_dir(OPENDKIM_MILTER)}",),
-                check=("opendkim -n -x /etc/opendkim.conf",),
-                # A restart: OpenDKIM re-reads keys on reload, but not its socket.
-                reload="systemctl restart opendkim && " + until_listening(OPENDKIM_MILTER),
-            ),
-            Service(
-                "spamassassin",
-                ("/etc/spamassassin/", "/etc/default/spamd", "/etc/default/spamass-milter"),
-                prepare=(f"install -d -o {SPAMD_USER} -g {SPAMD_USER} -m 0770 /var/lib/spamassassin/bayes",),
-                check=("spamassassin --lint",),
-                # A restart: spamd reads its options (children, --allow-tell) only when it starts.
-                reload="systemctl restart spamd spamass-milter && " + until_listening(SPAMASS_MILTER),
-            ),
-        ]
-    return [
-        Service(
-            "redis",
-            ("/etc/systemd/system/redis-server.service.d/",),
-            prepare=("systemctl daemon-reload",),
-            reload="systemctl restart redis-server",
-        ),
-        Service(
-            "rspamd",
-            ("/etc/rspamd/",),
-            prepare=(f"install -d -o _rspamd -g postfix -m 0750 {milter_dir(RSPAMD_MILTER)}",),
-            check=("rspamadm configtest",),
-            reload="systemctl reload-or-restart rspamd && " + until_listening(RSPAMD_MILTER),
-        ),
-    ]
-
-
 def services(settings: Settings) -> tuple[Service, ...]:
     """Each daemon with its files, its own checker and how it picks up a change."""
-    postmaps = tuple(f"postmap /etc/postfix/{m}" for m in POSTFIX_MAPS)
-    if settings.relay is not Relay.DIRECT:
-        postmaps += ("postmap /etc/postfix/sasl_passwd",)
+    spam, relay, webmail = chosen(settings)
+    postmaps = tuple(f"postmap /etc/postfix/{m}" for m in (*POSTFIX_MAPS, *relay.postfix_maps))
     common = [
         Service(
             "tls",
@@ -248,7 +170,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
         ),
         # The apply script reloads in this order: the spam filter (and its socket) is up on its
         # new files before Postfix's appear, so a switch of filter never leaves Postfix without it.
-        *filter_services(settings),
+        *spam.services,
         Service(
             "postfix",
             ("/etc/postfix/", "/etc/aliases", "/etc/mailname", STORAGE_POLICY),
@@ -308,47 +230,21 @@ def services(settings: Settings) -> tuple[Service, ...]:
             # No reload: logrotate reads its configuration afresh at every run (logrotate.timer).
         ),
     ]
-    if settings.relay is Relay.DIRECT:
-        common.append(
-            Service(
-                "mta-sts-resolver",
-                ("/etc/mta-sts-daemon.yml",),
-                check=("python3 -c 'import sys, yaml; yaml.safe_load(open(sys.argv[1]))' /etc/mta-sts-daemon.yml",),
-                reload="systemctl restart postfix-mta-sts-resolver",
-            )
-        )
-    if settings.webmail:
-        common.append(
-            Service(
-                "roundcube",
-                ("/etc/roundcube/",),
-                check=("php -l /etc/roundcube/config.inc.php >/dev/null",),
-                reload="systemctl reload-or-restart 'php*-fpm.service'",
-            )
-        )
-    return tuple(common)
+    return (*common, *relay.services, *webmail.services)
 
 
 def render_bundle(settings: Settings, secrets: ServerSecrets) -> Bundle:
-    environment = template_environment(FILES)
+    environment = template_environment(SERVER_FILES)
     values = context(settings, secrets)
     files = [
         _file(path, environment.get_template(template).render(values), settings)
         for template, path in _templates(settings)
     ]
-    selector = settings.dkim_selector
-    key_path = (
-        f"/etc/opendkim/keys/{selector}.private"
-        if settings.spam_filter is SpamFilter.SPAMASSASSIN
-        else f"/etc/rspamd/dkim/{selector}.key"
-    )
+    key_path = chosen(settings)[0].dkim_key.format(selector=settings.dkim_selector)
     files.append(_file(key_path, secrets.dkim_private_key_pem, settings))
-    unwanted = [p for mode, names in SPAM.items() if mode is not settings.spam_filter for p in names]
-    unwanted += [] if settings.webmail else list(WEBMAIL)
-    unwanted += [] if settings.relay is Relay.DIRECT else list(DIRECT)
     return Bundle(
         files=tuple(sorted(files, key=lambda f: f.path)),
         services=services(settings),
         packages=packages(settings),
-        absent_packages=tuple(p for p in unwanted if p not in packages(settings)),
+        absent_packages=absent_packages(settings),
     )

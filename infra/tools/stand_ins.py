@@ -7,7 +7,7 @@ import secrets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from infra.bundle import ServerSecrets
+from infra.core.bundle import ServerSecrets
 
 DKIM_KEY_BITS = 2048
 

@@ -5,12 +5,21 @@ from __future__ import annotations
 import pulumi
 import pulumi_digitalocean as do
 
-from infra.settings import Settings
+from infra.core.facts import (
+    HTTP_PORT,
+    HTTPS_PORT,
+    IMAPS_PORT,
+    MANAGESIEVE_PORT,
+    SMTP_PORT,
+    SSH_PORT,
+    SUBMISSION_PORT,
+    SUBMISSIONS_PORT,
+)
+from infra.core.settings import Settings
 
 # Ports the world may reach: SMTP, submissions (implicit TLS), submission, IMAPS, ManageSieve,
 # HTTP (ACME and redirects) and HTTPS (MTA-STS, autoconfig, webmail).
-PUBLIC_TCP_PORTS = (25, 465, 587, 993, 4190, 80, 443)
-SSH_PORT = 22
+PUBLIC_TCP_PORTS = (SMTP_PORT, SUBMISSIONS_PORT, SUBMISSION_PORT, IMAPS_PORT, MANAGESIEVE_PORT, HTTP_PORT, HTTPS_PORT)
 ANYWHERE = ("0.0.0.0/0", "::/0")
 
 # Monitoring alerts: (metric type, threshold in percent, description).

@@ -1,0 +1,1 @@
+"""The cloud shell: one ComponentResource per concern, translating core data into resources."""

@@ -1,0 +1,261 @@
+"""One record per mode: what a spam filter, a relay, webmail or a distribution brings to the server.
+
+A record names its template layers (cloud_init/files/<layer>/), the daemons it adds (each with
+its checker and reload), its distribution packages and its secret files. The render
+(infra.core.render) composes the chosen records over the common layer; nothing else asks which
+mode is chosen. Adding a mode is one record here and one template folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from infra.core.bundle import Service
+from infra.core.facts import QUEUE_DIR, SMTP2GO_HOST, ses_smtp_endpoint
+from infra.core.settings import Image, Relay, Settings, SpamFilter
+
+# Who may read a secret file: (mode, owner, group).
+Owner = tuple[int, str, str]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What one choice adds to the common layer."""
+
+    layers: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()
+    # Daemons of this mode; a spam filter's reload before Postfix (it is Postfix's milter), the
+    # others' after the common ones.
+    services: tuple[Service, ...] = ()
+    # Destination path -> who may read it, for the files of this mode that hold a secret.
+    secret_files: Mapping[str, Owner] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SpamFilterMode(Mode):
+    # The server's DKIM private key, where the signer reads it ({selector} filled in).
+    dkim_key: str = ""
+    # Postfix's milter settings: inbound mail is verified and scanned, submitted mail only signed.
+    milters: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RelayMode(Mode):
+    # The relay's SMTP host for these settings; empty for direct delivery.
+    host: Callable[[Settings], str] = lambda _settings: ""
+    # Postfix lookup tables of this mode, built with postmap.
+    postfix_maps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Distribution:
+    # Where a package's name differs from the one mailroom lists.
+    renamed: Mapping[str, str] = field(default_factory=dict)
+
+
+# Every mode's packages go on top of these.
+BASE = (
+    "postfix",
+    # SASL mechanisms for Postfix's client (AUTH PLAIN/LOGIN to the relay); only recommended by the package.
+    "libsasl2-modules",
+    "dovecot-core",
+    "dovecot-imapd",
+    "dovecot-lmtpd",
+    "dovecot-sieve",
+    "dovecot-managesieved",
+    "unbound",
+    "nginx",
+    "certbot",
+    "python3-certbot-dns-cloudflare",
+    "fail2ban",
+    # fail2ban reads the journal (backend systemd) through it.
+    "python3-systemd",
+    "nftables",
+    "unattended-upgrades",
+    # Rotates the mail logs under mailroom's size cap (/etc/logrotate.d/00-mailroom); Ubuntu's
+    # images have it, Debian's minimal ones may not.
+    "logrotate",
+    "ca-certificates",
+    "python3",
+)
+
+# Files of the common layer that hold a secret.
+COMMON_SECRET_FILES: Mapping[str, Owner] = {
+    # postscreen opens it as root, before it drops privileges; the group is a safety margin.
+    "/etc/postfix/dnsbl_reply_map": (0o640, "root", "postfix"),
+    "/etc/dovecot/users": (0o640, "root", "dovecot"),
+    "/etc/letsencrypt/mailroom-cloudflare.ini": (0o600, "root", "root"),
+}
+
+SPAMD_USER = "debian-spamd"
+# Relative to Postfix's queue directory; each in a directory of its own that only its daemon and
+# Postfix's group may enter.
+RSPAMD_MILTER = "rspamd/milter.sock"
+OPENDKIM_MILTER = "opendkim/opendkim.sock"
+SPAMASS_MILTER = "spamass/spamass.sock"
+
+
+def milter_dir(milter: str) -> str:
+    """The directory in Postfix's queue that holds a milter's socket (MILTER: relative to it)."""
+    return f"{QUEUE_DIR}/{milter.split('/')[0]}"
+
+
+def until_listening(milter: str, seconds: int = 30) -> str:
+    """A shell command that returns once a milter answers on its socket (MILTER: relative to
+    Postfix's queue; a unit's restart returns before its daemon listens): the filter is up before
+    Postfix is pointed at it."""
+    probe = f"import socket; socket.socket(socket.AF_UNIX).connect('{QUEUE_DIR}/{milter}')"
+    return f'timeout {seconds} sh -c "until python3 -c \\"{probe}\\" 2>/dev/null; do sleep 0.2; done"'
+
+
+# Unix sockets in Postfix's queue directory (reachable from its chroot), not TCP on loopback:
+# over TCP, milter commands and delayed ACKs cost ≈ 40 ms per message (bench/README.md).
+SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
+    SpamFilter.SPAMASSASSIN: SpamFilterMode(
+        layers=("spamassassin",),
+        # SpamAssassin's SPF and DMARC plugins (loaded by default) stay silent without these modules.
+        packages=(
+            "opendkim",
+            "opendkim-tools",
+            "spamassassin",
+            "spamd",
+            "spamass-milter",
+            "libmail-spf-perl",
+            "libmail-dmarc-perl",
+        ),
+        services=(
+            Service(
+                "opendkim",
+                ("/etc/opendkim.conf", "/etc/opendkim/"),
+                # setgid postfix: the socket OpenDKIM makes there (UMask 007) is Postfix's group's.
+                prepare=(f"install -d -o opendkim -g postfix -m 2750 {milter_dir(OPENDKIM_MILTER)}",),
+                check=("opendkim -n -x /etc/opendkim.conf",),
+                # A restart: OpenDKIM re-reads keys on reload, but not its socket.
+                reload="systemctl restart opendkim && " + until_listening(OPENDKIM_MILTER),
+            ),
+            Service(
+                "spamassassin",
+                ("/etc/spamassassin/", "/etc/default/spamd", "/etc/default/spamass-milter"),
+                prepare=(f"install -d -o {SPAMD_USER} -g {SPAMD_USER} -m 0770 /var/lib/spamassassin/bayes",),
+                check=("spamassassin --lint",),
+                # A restart: spamd reads its options (children, --allow-tell) only when it starts.
+                reload="systemctl restart spamd spamass-milter && " + until_listening(SPAMASS_MILTER),
+            ),
+        ),
+        secret_files={"/etc/opendkim/keys/{selector}.private": (0o600, "opendkim", "opendkim")},
+        dkim_key="/etc/opendkim/keys/{selector}.private",
+        milters={
+            "smtpd_milters": f"unix:{OPENDKIM_MILTER}, unix:{SPAMASS_MILTER}",
+            "non_smtpd_milters": f"unix:{OPENDKIM_MILTER}",
+            "submission_milters": f"unix:{OPENDKIM_MILTER}",
+        },
+    ),
+    SpamFilter.RSPAMD: SpamFilterMode(
+        layers=("rspamd",),
+        packages=("rspamd", "redis-server"),  # rspamd checks SPF, DKIM and DMARC itself
+        services=(
+            Service(
+                "redis",
+                ("/etc/systemd/system/redis-server.service.d/",),
+                prepare=("systemctl daemon-reload",),
+                reload="systemctl restart redis-server",
+            ),
+            Service(
+                "rspamd",
+                ("/etc/rspamd/",),
+                prepare=(f"install -d -o _rspamd -g postfix -m 0750 {milter_dir(RSPAMD_MILTER)}",),
+                check=("rspamadm configtest",),
+                reload="systemctl reload-or-restart rspamd && " + until_listening(RSPAMD_MILTER),
+            ),
+        ),
+        secret_files={"/etc/rspamd/dkim/{selector}.key": (0o640, "root", "_rspamd")},
+        dkim_key="/etc/rspamd/dkim/{selector}.key",
+        # rspamd tells authenticated mail apart itself: it signs it and skips the spam checks.
+        milters={
+            "smtpd_milters": f"unix:{RSPAMD_MILTER}",
+            "non_smtpd_milters": f"unix:{RSPAMD_MILTER}",
+            "submission_milters": f"unix:{RSPAMD_MILTER}",
+        },
+    ),
+}
+
+# A relay that takes mail with a password: the credentials map Postfix's client reads.
+_RELAYED = Mode(layers=("relayed",), secret_files={"/etc/postfix/sasl_passwd": (0o600, "root", "root")})
+RELAYS: Mapping[Relay, RelayMode] = {
+    Relay.SES: RelayMode(
+        layers=("ses", *_RELAYED.layers),
+        secret_files=_RELAYED.secret_files,
+        host=lambda settings: ses_smtp_endpoint(settings.ses_region),
+        postfix_maps=("sasl_passwd",),
+    ),
+    Relay.SMTP2GO: RelayMode(
+        layers=("smtp2go", *_RELAYED.layers),
+        secret_files=_RELAYED.secret_files,
+        host=lambda _settings: SMTP2GO_HOST,
+        postfix_maps=("sasl_passwd",),
+    ),
+    Relay.DIRECT: RelayMode(
+        layers=("direct",),
+        # Direct delivery enforces the receiving domains' MTA-STS policies through this daemon.
+        packages=("postfix-mta-sts-resolver",),
+        services=(
+            Service(
+                "mta-sts-resolver",
+                ("/etc/mta-sts-daemon.yml",),
+                check=("python3 -c 'import sys, yaml; yaml.safe_load(open(sys.argv[1]))' /etc/mta-sts-daemon.yml",),
+                reload="systemctl restart postfix-mta-sts-resolver",
+            ),
+        ),
+    ),
+}
+
+WEBMAIL: Mapping[bool, Mode] = {
+    True: Mode(
+        layers=("webmail",),
+        packages=("roundcube-core", "roundcube-sqlite3", "php-fpm"),
+        services=(
+            Service(
+                "roundcube",
+                ("/etc/roundcube/",),
+                check=("php -l /etc/roundcube/config.inc.php >/dev/null",),
+                reload="systemctl reload-or-restart 'php*-fpm.service'",
+            ),
+        ),
+        secret_files={"/etc/roundcube/config.inc.php": (0o640, "root", "www-data")},
+    ),
+    False: Mode(),
+}
+
+# Both images name the packages alike (Ubuntu 24.04 noble and Debian 12 bookworm); an entry in
+# `renamed` is where a name differs.
+DISTRIBUTIONS: Mapping[Image, Distribution] = {
+    Image.UBUNTU_24_04: Distribution(),
+    Image.DEBIAN_12: Distribution(),
+}
+
+
+def chosen(settings: Settings) -> tuple[SpamFilterMode, RelayMode, Mode]:
+    """The records the settings pick: spam filter, relay, webmail."""
+    return SPAM_FILTERS[settings.spam_filter], RELAYS[settings.relay], WEBMAIL[settings.webmail]
+
+
+def packages(settings: Settings) -> tuple[str, ...]:
+    spam, relay, webmail = chosen(settings)
+    renamed = DISTRIBUTIONS[settings.image].renamed
+    return tuple(renamed.get(n, n) for n in BASE + spam.packages + webmail.packages + relay.packages)
+
+
+def absent_packages(settings: Settings) -> tuple[str, ...]:
+    """The packages of the modes not chosen (SpamAssassin's under rspamd...), unless a chosen one needs them."""
+    picked = chosen(settings)
+    every: list[Mode] = [*SPAM_FILTERS.values(), *WEBMAIL.values(), *RELAYS.values()]
+    others = [mode for mode in every if all(mode is not p for p in picked)]
+    wanted = packages(settings)
+    return tuple(p for mode in others for p in mode.packages if p not in wanted)
+
+
+def every_package() -> tuple[str, ...]:
+    """What any mode may need (the lab's image holds them all: a mode switch finds its packages)."""
+    modes = [*SPAM_FILTERS.values(), WEBMAIL[True], *RELAYS.values()]
+    return BASE + tuple(p for mode in modes for p in mode.packages)

@@ -1,0 +1,59 @@
+"""The remote steps: the commands that converge the server after the droplet exists, as plain data.
+
+Four steps, run over SSH as the admin user with mailroom's deploy key: wait until cloud-init's
+bootstrap finished; install the apply script; send the bundle to it; obtain the Let's Encrypt
+certificate. The program declares each as a `command.remote.Command` (infra.cloud.provisioning),
+the offline rehearsal reads them back in dependency order, and the lab runs them over SSH: one
+`Step` type for all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from infra.core.facts import APPLY_PATH, APPLY_SCRIPT, BOOTSTRAP_MARKER
+
+# cloud-init exits 2 when it finished with recoverable warnings; the marker written by the last
+# runcmd of the user-data is what says the bootstrap completed.
+WAIT_FOR_BOOTSTRAP = f"""set -eu
+cloud-init status --wait >/dev/null 2>&1 || true
+if [ ! -e {BOOTSTRAP_MARKER} ]; then
+  echo "the cloud-init bootstrap did not finish; see /var/log/cloud-init-output.log" >&2
+  exit 1
+fi
+echo "bootstrap finished"
+"""
+INSTALL_APPLY_SCRIPT = f"sudo install -D -m 0755 -o root -g root /dev/stdin {APPLY_PATH}"
+RUN_APPLY = f"sudo /usr/bin/python3 {APPLY_PATH}"
+# After the bundle (which holds certbot's token and installs a self-signed certificate):
+# Let's Encrypt's certificate over DNS-01; certbot's own timer renews it.
+ISSUE_CERTIFICATE = "sudo /usr/local/sbin/mailroom-certificate --issue"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One remote command: its name, the command line the remote shell runs, and its stdin."""
+
+    name: str
+    create: str
+    stdin: str | None = None
+
+    def __repr__(self) -> str:  # stdin may hold the bundle and its secrets
+        return f"Step({self.name!r}, stdin={'yes' if self.stdin else 'no'})"
+
+
+WAIT, INSTALL, APPLY, ISSUE = STEPS = (
+    Step("wait-for-bootstrap", WAIT_FOR_BOOTSTRAP),
+    Step("install-apply-script", INSTALL_APPLY_SCRIPT),
+    Step("apply-bundle", RUN_APPLY),
+    Step("issue-certificate", ISSUE_CERTIFICATE),
+)
+
+
+def apply_script() -> str:
+    return APPLY_SCRIPT.read_text()
+
+
+def script_digest() -> str:
+    return hashlib.sha256(apply_script().encode()).hexdigest()
