@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from infra.core.facts import PROJECT_DIR
+
+ROOT = PROJECT_DIR
 WORKFLOWS = ROOT / ".github" / "workflows"
 NAMES = ("test.yml", "preview.yml", "deploy.yml")
 DOCS = ROOT / "docs" / "github-actions.md"

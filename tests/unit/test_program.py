@@ -13,7 +13,7 @@ import yaml
 
 from infra.cloud.host import ANYWHERE, PUBLIC_TCP_PORTS
 from infra.core.dns import Record, records
-from infra.core.facts import APPLY_PATH, BOOTSTRAP_MARKER, SSH_PORT
+from infra.core.facts import APPLY_PATH, BOOTSTRAP_MARKER, PROJECT_DIR, SSH_PORT
 from infra.core.facts import ses_smtp_endpoint as smtp_endpoint
 from infra.core.settings import SettingsError
 from infra.core.user_data import render_user_data
@@ -511,7 +511,7 @@ def test_the_real_entry_refuses_bad_settings_before_declaring_anything(given: di
 def test_the_real_entry_refuses_a_secret_stored_in_plain_text(tmp_path: Path) -> None:
     from infra.tools.rehearsal import run_entry
 
-    dev = (Path(__file__).resolve().parent.parent / "Pulumi.dev.yaml").read_text()
+    dev = (PROJECT_DIR / "Pulumi.dev.yaml").read_text()
     relay = "  mailroom:relay: smtp2go\n  mailroom:smtp2goUsername: mailroom-user\n"
     encrypted = "  mailroom:passwordHashes:\n    secure: v1:AAAABBBBCCCCDDDD\n"
     # The password typed into the stack file instead of `pulumi config set --secret`.

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 from bench import floor, mailstack
+from infra.core.facts import PROJECT_DIR
 from infra.lab import control
 from infra.lab.control import LabInfo
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = PROJECT_DIR
 
 
 def test_program_benchmark_quick(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from infra.core.facts import SUBMISSION_PORT
 from infra.lab import control
 from infra.lab.control import REMOTE_DOMAIN, LabInfo
 from infra.lab.mail import message
-from tests.reliability.faults import (
+from tests.lab.faults.faults import (
     Outcome,
     flush_queue,
     inbound,
@@ -385,7 +385,7 @@ def test_a_replaced_host_on_the_same_volume_keeps_every_mailbox_message_and_the_
     # And the new host signs with that key: a submitted message verifies against the served one.
     import dkim
 
-    from tests.lab.test_lab import dkim_dns
+    from tests.lab.test_mail import dkim_dns
 
     msg = message(user, f"dana@{REMOTE_DOMAIN}", "after replacement")
     assert send(Outcome(msg["Message-ID"]), msg, port=SUBMISSION_PORT, login=(user, password)).accepted

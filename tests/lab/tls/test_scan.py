@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from infra.core.facts import PROJECT_DIR
 from infra.lab import control
 from infra.lab.control import WORLD_NS, LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4
@@ -31,7 +32,7 @@ HTTPS_NAME = "mta-sts.example.net"  # what HTTPS clients ask for (MTA-STS policy
 STARTTLS = {25: "smtp", 587: "smtp"}
 PORTS = (25, 465, 587, 993, 443)
 MODERN_ONLY = (465, 587, 993, 443)  # submission, IMAP, HTTPS: TLS 1.2 or newer, nothing else
-ARTIFACTS = Path(__file__).resolve().parents[2] / ".lab-artifacts" / "testssl"
+ARTIFACTS = PROJECT_DIR / ".lab-artifacts" / "testssl"
 SCAN_TIMEOUT = 240
 
 

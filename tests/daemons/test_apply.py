@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from infra.core.bundle import Bundle, BundleFile, Service
+from infra.core.facts import APPLY_SCRIPT
 
-APPLY = Path(__file__).resolve().parent.parent / "cloud_init" / "apply.py"
+APPLY = APPLY_SCRIPT
 
 
 @pytest.fixture
