@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= dev
 
-.PHONY: setup setup-python setup-debian test lint typecheck unit plan zone render lab lab-down
+.PHONY: setup setup-python setup-debian check test lint typecheck unit lab lab-down plan zone render fmt clean
 
 setup: setup-debian setup-python
 
@@ -30,10 +30,15 @@ lint: setup-python
 typecheck: setup-python
 	$(VENV)/bin/mypy
 
+# The fast loop: lint, types and every test that boots no lab (tests/unit, tests/daemons), about
+# two minutes.
+check: setup lint typecheck
+	$(VENV)/bin/pytest -m "not lab"
+
 unit: setup
 	$(VENV)/bin/pytest
 
-# The README's test command: lint, types, and every test.
+# The README's test command: lint, types, and every test, the lab's included.
 test: lint typecheck unit
 
 # Offline commands (no cloud account needed).
@@ -52,3 +57,12 @@ lab: setup
 
 lab-down: setup-python
 	$(PY) -m infra lab down
+
+fmt: setup-python
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# What the commands above leave in the tree (the lab's own state is removed by lab-down).
+clean:
+	rm -rf out .lab-artifacts .pytest_cache .mypy_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,1 +1,1 @@
-"""Benchmarks of issue 7: each module is runnable as `python -m bench.<name>`; results go to bench/results/."""
+"""mailroom's benchmarks: each module is runnable as `python -m bench.<name>`; results go to bench/results/."""

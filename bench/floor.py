@@ -1,4 +1,4 @@
-"""The floor for issue 7's comparison: a plain Postfix on this machine delivering to Maildir.
+"""The floor for the mail stack's figures: a plain Postfix on this machine delivering to Maildir.
 
 No milter, no postscreen, no Dovecot, no TLS: Postfix's own `virtual` agent writes every message
 for one test domain into one Maildir. Postfix's `smtp-source` sends 4 KB messages into port 25

@@ -1,4 +1,4 @@
-"""Benchmarks 1-5 of issue 7: the mail stack on a lab host, per spam filter mode, webmail on.
+"""Benchmarks of the mail stack on a lab host, per spam filter mode, webmail on.
 
 For each mode, one fresh lab (`infra.lab.control.up`: the program's own user-data and remote
 commands on a Debian 12 host) and, in this order:

@@ -1,4 +1,4 @@
-"""Benchmark 6 of issue 7: the program's import time and its evaluation time under mocks.
+"""Benchmark of the program's import time and its evaluation time under mocks.
 
 Two measurements, each in fresh interpreters (`sys.executable -c ...`), so Python's module
 cache is cold on every run (the operating system's file cache is not: files are read warm):

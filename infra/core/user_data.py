@@ -69,11 +69,9 @@ def render_user_data(settings: Settings) -> str:
             admin_user=settings.admin_user,
             ssh_public_keys=settings.ssh_public_keys,
             swap_bytes=SWAP_BYTES,
-            mail_dir=MAIL_DIR,
             mount_volume_path=MOUNT_VOLUME_SCRIPT,
             mount_volume_script=render_mount_volume_script(settings),
             bootstrap_marker=BOOTSTRAP_MARKER,
             packages=packages(settings),
-            image=settings.image.value,
         )
     )

@@ -36,7 +36,15 @@ from infra.lab import acme
 from infra.lab.image import build_image
 from infra.lab.netns import call_in
 from infra.lab.pki import IssuedCertificate, LabCA
-from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, remote_steps, run_program
+from infra.tools.rehearsal import (
+    DROPLET_IPV4,
+    DROPLET_IPV6,
+    OfflineRun,
+    generated_state,
+    remote_steps,
+    restore_generated,
+    run_program,
+)
 
 # One lab per name: MAILROOM_LAB_NAME gives a second lab its own namespaces, state and cgroup,
 # so two can run side by side (the addresses repeat, but each pair of namespaces is its own net).
@@ -449,17 +457,12 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
 
 def keep_state() -> None:
     """What Pulumi's state would keep between runs: the keys and passwords the mocks generated."""
-    from infra.tools import rehearsal as offline
-
-    secret_file("pulumi-state.json", json.dumps([[k, n, v] for (k, n), v in offline._GENERATED.items()]))
+    secret_file("pulumi-state.json", json.dumps(generated_state()))
 
 
 def restore_state() -> None:
-    from infra.tools import rehearsal as offline
-
     state = STATE_DIR / "pulumi-state.json"
-    for kind, name, values in json.loads(state.read_text()) if state.exists() else []:
-        offline._GENERATED[(kind, name)] = values
+    restore_generated(json.loads(state.read_text()) if state.exists() else [])
 
 
 def redeploy(changes: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ installed them on a droplet. The cache key is the package list; a new list build
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -65,13 +66,23 @@ def _chroot(root: Path, *argv: str) -> None:
 
 
 def build_image(log: bool = True) -> Path:
-    """The cached root, built first if missing (≈ 3 to 5 minutes on a fresh machine)."""
+    """The cached root, built first if missing (≈ 3 to 5 minutes on a fresh machine).
+
+    One build at a time: two labs (MAILROOM_LAB_NAME) share the cache, and a second build would
+    take the first one's half-built image for a stale one and remove it."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_image(log)
+
+
+def _build_image(log: bool) -> Path:
     root = image_root()
     if (root.parent / "complete").exists():
         return root
     if CACHE.exists():
         for stale in CACHE.iterdir():  # older package lists, and a half-built image
-            if not in_use(stale / "root"):  # a running lab keeps its image until it is down
+            if stale.is_dir() and not in_use(stale / "root"):  # a running lab keeps its image until it is down
                 shutil.rmtree(stale)
     root.parent.mkdir(parents=True)
     if log:

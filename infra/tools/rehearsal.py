@@ -172,6 +172,17 @@ def _generated(kind: str, name: str, make: Callable[[], dict[str, str]]) -> dict
     return _GENERATED[(kind, name)]
 
 
+def generated_state() -> list[tuple[str, str, dict[str, str]]]:
+    """The generated secrets as (resource type, name, values): what Pulumi's state would keep."""
+    return [(kind, name, values) for (kind, name), values in _GENERATED.items()]
+
+
+def restore_generated(state: Iterable[tuple[str, str, dict[str, str]]]) -> None:
+    """Start from secrets generated earlier (a later `pulumi up` of the same stack)."""
+    for kind, name, values in state:
+        _GENERATED[(kind, name)] = values
+
+
 class StandInCloud(pulumi_mocks.Mocks):
     """What the clouds would answer, with realistic shapes and stand-in values.
 
