@@ -101,6 +101,20 @@ def milter_dir(milter: str) -> str:
     return f"{QUEUE_DIR}/{milter.split('/')[0]}"
 
 
+def milter_service(
+    name: str, paths: tuple[str, ...], socket: str, *, owner: str, mode: str, check: str, restart: str
+) -> Service:
+    """A milter's daemon: the directory of its socket (SOCKET: relative to Postfix's queue) made
+    first, Postfix's group allowed in; its reload returns only once it answers there."""
+    return Service(
+        name,
+        paths,
+        prepare=(f"install -d -o {owner} -g postfix -m {mode} {milter_dir(socket)}",),
+        check=(check,),
+        reload=f"{restart} && {until_listening(socket)}",
+    )
+
+
 def until_listening(milter: str, seconds: int = 30) -> str:
     """A shell command that returns once a milter answers on its socket (MILTER: relative to
     Postfix's queue; a unit's restart returns before its daemon listens): the filter is up before
@@ -125,14 +139,16 @@ SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
             "libmail-dmarc-perl",
         ),
         services=(
-            Service(
+            milter_service(
                 "opendkim",
                 ("/etc/opendkim.conf", "/etc/opendkim/"),
+                OPENDKIM_MILTER,
+                owner="opendkim",
                 # setgid postfix: the socket OpenDKIM makes there (UMask 007) is Postfix's group's.
-                prepare=(f"install -d -o opendkim -g postfix -m 2750 {milter_dir(OPENDKIM_MILTER)}",),
-                check=("opendkim -n -x /etc/opendkim.conf",),
+                mode="2750",
+                check="opendkim -n -x /etc/opendkim.conf",
                 # A restart: OpenDKIM re-reads keys on reload, but not its socket.
-                reload="systemctl restart opendkim && " + until_listening(OPENDKIM_MILTER),
+                restart="systemctl restart opendkim",
             ),
             Service(
                 "spamassassin",
@@ -161,12 +177,14 @@ SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
                 prepare=("systemctl daemon-reload",),
                 reload="systemctl restart redis-server",
             ),
-            Service(
+            milter_service(
                 "rspamd",
                 ("/etc/rspamd/",),
-                prepare=(f"install -d -o _rspamd -g postfix -m 0750 {milter_dir(RSPAMD_MILTER)}",),
-                check=("rspamadm configtest",),
-                reload="systemctl reload-or-restart rspamd && " + until_listening(RSPAMD_MILTER),
+                RSPAMD_MILTER,
+                owner="_rspamd",
+                mode="0750",
+                check="rspamadm configtest",
+                restart="systemctl reload-or-restart rspamd",
             ),
         ),
         secret_files={"/etc/rspamd/dkim/{selector}.key": (0o640, "root", "_rspamd")},
