@@ -51,6 +51,24 @@ def in_use(image: Path) -> bool:
     return f"lowerdir={image}," in mounts or f"lowerdir={image}/root," in mounts
 
 
+def mounts_below(path: Path) -> list[Path]:
+    """Mount points at or below PATH, deepest first (mountinfo's fifth field; octal escapes kept)."""
+    points = [Path(line.split()[4]) for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    below = [p for p in points if p == path or path in p.parents]
+    return sorted(below, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_image(directory: Path) -> None:
+    """Remove a cached image, first unmounting what an interrupted build left bound into it (the
+    build binds /proc, /sys and /dev: removing through them would reach the machine's own)."""
+    for point in mounts_below(directory):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+    left = mounts_below(directory)
+    if left:
+        raise RuntimeError(f"cannot remove the stale lab image {directory}: still mounted at {left}")
+    shutil.rmtree(directory)
+
+
 def image_key() -> str:
     listing = "\n".join([SUITE, *SYSTEM, *MAIL_STACK])
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
@@ -83,7 +101,7 @@ def _build_image(log: bool) -> Path:
     if CACHE.exists():
         for stale in CACHE.iterdir():  # older package lists, and a half-built image
             if stale.is_dir() and not in_use(stale / "root"):  # a running lab keeps its image until it is down
-                shutil.rmtree(stale)
+                remove_image(stale)
     root.parent.mkdir(parents=True)
     if log:
         print(f"lab: building the host image in {root} (once; cached by its package list)", flush=True)

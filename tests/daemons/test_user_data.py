@@ -1,4 +1,4 @@
-"""The droplet's user-data: valid cloud-config, the bootstrap the issue asks for, no secret.
+"""The droplet's user-data: valid cloud-config, the whole bootstrap the design asks for, no secret.
 
 The volume script is run for real: on a loop device standing in for the DigitalOcean volume,
 inside a private mount namespace so that the mount unit it writes, /dev/disk and the mail directory it

@@ -1,4 +1,4 @@
-"""Case 9: password guessing. Failed logins from one address (SMTP AUTH on 587 and 465, IMAP on 993,
+"""Password guessing. Failed logins from one address (SMTP AUTH on 587 and 465, IMAP on 993,
 SSH) get that address banned by fail2ban within ten attempts; every other address keeps working
 while it is banned; the ban lasts the configured hour, and ends.
 

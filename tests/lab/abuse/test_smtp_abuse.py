@@ -1,11 +1,12 @@
-"""Reliability cases 8 and 10: relay and spoofing attempts from outside, and malformed or hostile
-SMTP on port 25, each as real SMTP against the lab host, asserting what a sender or a user sees.
+"""Open-relay and spoofing attempts from outside, and malformed or hostile SMTP on port 25, each
+as real SMTP against the lab host, asserting what a sender or a user sees.
 
-Case 8 is a table in the spirit of the classic open-relay test suites: every attempt must get the
-refusal Postfix documents for it, and afterwards neither the SES stand-in (the only way out) nor the
-host's queue holds anything for the foreign recipients. Case 10 feeds port 25 what smtplib cannot
-say (talking before the greeting, unasked pipelining, bare LF / bare CR, oversized input) on raw
-sockets, and each test ends by checking that a normal message still reaches its mailbox.
+The relay and spoofing attempts are a table in the spirit of the classic open-relay test suites:
+every attempt must get the refusal Postfix documents for it, and afterwards neither the SES
+stand-in (the only way out) nor the host's queue holds anything for the foreign recipients. The
+hostile SMTP tests feed port 25 what smtplib cannot say (talking before the greeting, unasked
+pipelining, bare LF / bare CR, oversized input) on raw sockets, and each ends by checking that a
+normal message still reaches its mailbox.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def postconf(lab: LabInfo, name: str) -> int:
     return int(result.stdout.strip())
 
 
-# --- case 8: open-relay and spoofing attempts ------------------------------------------------------
+# --- open-relay and spoofing attempts -------------------------------------------------------------
 
 # The replies Postfix documents (postconf(5), RESTRICTION_CLASS_README, SMTPD_ACCESS_README).
 Expect = tuple[int, str, str]
@@ -520,7 +521,7 @@ def test_mail_forged_from_another_domain_is_marked_as_failing_spf_and_dmarc(lab:
     assert dmarc.search(head), f"no DMARC failure mark:\n{head.decode(errors='replace')}"
 
 
-# --- case 10: malformed and hostile SMTP on port 25 --------------------------------------------------
+# --- malformed and hostile SMTP on port 25 --------------------------------------------------------
 
 PREGREET_SOURCE = "203.0.113.41"  # an address postscreen has never seen pass: its first contact
 

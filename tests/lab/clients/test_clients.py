@@ -1,6 +1,6 @@
-"""What a user's clients do beyond IMAP and SMTP (issue 5, items 3 and 6): a Sieve rule uploaded
-over ManageSieve (port 4190) files mail, and Roundcube, with webmail switched on by the program,
-lets a user log in over HTTPS and read a message."""
+"""What a user's clients do beyond IMAP and SMTP: a Sieve rule uploaded over ManageSieve (port
+4190) files mail, and Roundcube, with webmail switched on by the program, lets a user log in over
+HTTPS and read a message."""
 
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ ones do as far as the server can tell. A lab that fails half-way leaves nothing 
 from __future__ import annotations
 
 import os
-import shutil
 import smtplib
 import ssl
 import subprocess
@@ -30,12 +29,9 @@ from infra.lab import control, image
 from infra.lab.control import DNS_IP, SES_IP, WORLD_NS, LabInfo, in_netns
 from infra.lab.mail import starttls_as
 from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, run_program
+from tests.support.lab import LAB_MARKS
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root: network namespaces, mounts, systemd-nspawn"),
-    pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="systemd-nspawn is not installed (make setup)"),
-]
+pytestmark = LAB_MARKS
 T = TypeVar("T")
 HOST_NAME = "mail.example.net"  # Pulumi.dev.yaml
 

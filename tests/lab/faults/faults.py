@@ -1,4 +1,4 @@
-"""What the fault cases need to count mail: send it as a real MTA or client would (retrying what
+"""What the fault tests need to count mail: send it as a real MTA or client would (retrying what
 was temp-failed), and find it again by Message-ID at the relay and in the mailboxes."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import email
 import email.message
 import imaplib
 import json
+import shlex
 import smtplib
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from infra.lab import control
 from infra.lab.control import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, LabInfo
 from infra.lab.mail import message, unverified
 from infra.tools.rehearsal import DROPLET_IPV4
+from tests.support.wait import wait_for
 
 TIMEOUT = 30
 
@@ -153,14 +155,6 @@ def relayed_raw(info: LabInfo) -> list[bytes]:
     return [path.read_bytes() for path in sorted(Path(info.ses_spool).glob("*.eml"))]
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.5)
-
-
 def queue(info: LabInfo) -> list[dict[str, Any]]:
     """The host's mail queue, one dict per message (postqueue -j)."""
     out = control.guest("sudo postqueue -j", info).stdout
@@ -173,14 +167,10 @@ def flush_queue(info: LabInfo) -> None:
 
 
 def root(info: LabInfo, command: str) -> str:
-    result = control.guest(f"sudo sh -c {shell_quote(command)}", info)
+    result = control.guest(f"sudo sh -c {shlex.quote(command)}", info)
     if result.returncode != 0:
         raise AssertionError(f"{command!r} on the lab host: exit {result.returncode}: {result.stderr.strip()[-500:]}")
     return result.stdout
-
-
-def shell_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def set_relay(info: LabInfo, mode: str) -> None:
@@ -195,4 +185,4 @@ def set_relay(info: LabInfo, mode: str) -> None:
             return False
 
     # The stand-in reads its mode file every 0.2 s; its port says when it has noticed.
-    wait_for(lambda: control.in_netns(WORLD_NS, port_open) == (mode != "away"), 10, f"the relay going {mode}")
+    wait_for(lambda: control.in_netns(WORLD_NS, port_open) == (mode != "away"), 10, 0.5, f"the relay going {mode}")

@@ -1,13 +1,13 @@
-"""Faults: mail is queued, never lost (issue 6, cases 1-7).
+"""Faults: mail is queued, never lost.
 
-Each case runs on the lab host in both spam filter modes, with real mail through the real
-daemons, counts messages in and out by Message-ID, and asserts that none is lost or stored
+Each test makes its fault on the lab host in both spam filter modes, with real mail through the
+real daemons, counts messages in and out by Message-ID, and asserts that none is lost or stored
 twice. Senders behave as real ones do: a remote MTA offers a temp-failed message again (a 5xx
-it would bounce), a mail client reports an error to its user. The cases that take the host down
-(reboot, replacement) come last, so that every other case runs on an undisturbed host.
+it would bounce), a mail client reports an error to its user. The faults that take the host down
+(reboot, replacement) come last, so that every other test runs on an undisturbed host.
 
-Run one case alone against a running lab: `python -m infra lab up`, then
-`MAILROOM_LAB_REUSE=1 .venv/bin/pytest tests/reliability/test_faults.py -k relay_is_down`.
+Run one test alone against a running lab: `python -m infra lab up`, then
+`MAILROOM_LAB_REUSE=1 .venv/bin/pytest tests/lab/faults/test_faults.py -k relay_is_down`.
 """
 
 from __future__ import annotations
@@ -36,17 +36,14 @@ from tests.lab.faults.faults import (
     root,
     send,
     set_relay,
-    wait_for,
 )
+from tests.support.lab import alice
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.reliability]
 DELIVERY_TIMEOUT = 90
 # The signing key the bundle installs, in whichever mode (OpenDKIM's or rspamd's copy).
 DKIM_KEYS = "cat /etc/opendkim/keys/*.private /etc/rspamd/dkim/*.key 2>/dev/null | sha256sum"
-
-
-def alice(lab: LabInfo) -> tuple[str, str]:
-    return "alice@example.net", lab.passwords["alice@example.net"]
 
 
 def assert_each_stored_once(lab: LabInfo, outcomes: list[Outcome]) -> None:
@@ -65,12 +62,12 @@ def assert_each_stored_once(lab: LabInfo, outcomes: list[Outcome]) -> None:
             last_flush = time.monotonic()
         return wanted <= set(mailbox_ids(user, password))
 
-    wait_for(delivered, DELIVERY_TIMEOUT, "every accepted message in the mailbox")
+    wait_for(delivered, DELIVERY_TIMEOUT, 0.5, "every accepted message in the mailbox")
     stored = mailbox_ids(user, password)
     assert {m: stored[m] for m in wanted if stored[m] != 1} == {}, "stored more than once"
 
 
-# --- 1, 2: the relay ----------------------------------------------------------------------------
+# --- the relay ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fault", ["away", "4xx"])
@@ -89,7 +86,7 @@ def test_mail_waits_while_the_relay_is_down_and_leaves_in_full_when_it_returns(l
         def to_the_relay() -> list[dict[str, object]]:
             return [r for m in queue(lab) for r in m["recipients"] if r["address"] == f"dana@{REMOTE_DOMAIN}"]
 
-        wait_for(lambda: len([r for r in to_the_relay() if r.get("delay_reason")]) >= 5, 60, "five deferred")
+        wait_for(lambda: len([r for r in to_the_relay() if r.get("delay_reason")]) >= 5, 60, 0.5, "five deferred")
         reasons = {str(r["delay_reason"]) for r in to_the_relay()}
         expected = "Connection refused" if fault == "away" else "451 4.4.2"
         assert all(expected in reason for reason in reasons), reasons
@@ -97,10 +94,10 @@ def test_mail_waits_while_the_relay_is_down_and_leaves_in_full_when_it_returns(l
     finally:
         set_relay(lab, "ok")
     flush_queue(lab)
-    wait_for(lambda: wanted <= set(relayed_ids(lab)), DELIVERY_TIMEOUT, "the queue delivered to the relay")
+    wait_for(lambda: wanted <= set(relayed_ids(lab)), DELIVERY_TIMEOUT, 0.5, "the queue delivered to the relay")
     relayed = relayed_ids(lab)
     assert {m: relayed[m] for m in wanted} == dict.fromkeys(wanted, 1)
-    wait_for(lambda: not queue(lab), 30, "an empty queue")
+    wait_for(lambda: not queue(lab), 30, 0.5, "an empty queue")
 
 
 def test_a_recipient_the_relay_refuses_bounces_to_the_sender_and_the_others_are_delivered(lab: LabInfo) -> None:
@@ -111,7 +108,7 @@ def test_a_recipient_the_relay_refuses_bounces_to_the_sender_and_the_others_are_
     msg["To"] = f"dana@{REMOTE_DOMAIN}, reject@{REMOTE_DOMAIN}"
     outcome = send(Outcome(msg["Message-ID"]), msg, port=SUBMISSION_PORT, login=(user, password))
     assert outcome.replies == [250]
-    wait_for(lambda: msg["Message-ID"] in relayed_ids(lab), DELIVERY_TIMEOUT, "the good recipient's copy")
+    wait_for(lambda: msg["Message-ID"] in relayed_ids(lab), DELIVERY_TIMEOUT, 0.5, "the good recipient's copy")
     envelopes = [env for env, m in relayed_messages(lab) if m["Message-ID"] == msg["Message-ID"]]
     assert [env["to"] for env in envelopes] == [[f"dana@{REMOTE_DOMAIN}"]]
 
@@ -121,7 +118,7 @@ def test_a_recipient_the_relay_refuses_bounces_to_the_sender_and_the_others_are_
                 return found
         return None
 
-    wait_for(lambda: bounce() is not None, DELIVERY_TIMEOUT, "a bounce in the sender's mailbox")
+    wait_for(lambda: bounce() is not None, DELIVERY_TIMEOUT, 0.5, "a bounce in the sender's mailbox")
     dsn = bounce()
     assert dsn is not None
     assert dsn.get_param("report-type") == "delivery-status"
@@ -167,7 +164,7 @@ def test_a_message_offered_again_after_its_delivery_is_stored_once(lab: LabInfo)
     assert_each_stored_once(lab, [outcome, *(o for o, _ in other)])
 
 
-# --- 3, 4: daemons stopped and restarted under load ---------------------------------------------
+# --- daemons stopped and restarted under load ---------------------------------------------------
 
 
 def filter_unit(lab: LabInfo) -> str:
@@ -226,7 +223,7 @@ def test_restarting_a_daemon_under_inbound_load_loses_nothing(lab: LabInfo, disr
     assert_each_stored_once(lab, outcomes)
 
 
-# --- 5: the mail volume fills up ------------------------------------------------------------------
+# --- the mail volume fills up ---------------------------------------------------------------------
 
 
 def test_a_full_mail_volume_defers_mail_and_resumes_when_space_is_freed(lab: LabInfo) -> None:
@@ -259,7 +256,7 @@ def test_a_full_mail_volume_defers_mail_and_resumes_when_space_is_freed(lab: Lab
 
         # Dovecot answers the queued mail's LMTP deliveries with a 4xx (ENOSPC is temporary).
         flush_queue(lab)
-        wait_for(lambda: len([r for r in deferred_for_space() if "said: 4" in r]) >= len(waiting), 60,
+        wait_for(lambda: len([r for r in deferred_for_space() if "said: 4" in r]) >= len(waiting), 60, 0.5,
                  "the queued messages deferred with Dovecot's temporary error")  # fmt: skip
         assert [r for r in deferred_for_space() if " 5." in r] == []
         # Nothing was bounced: no delivery report went back out through the relay.
@@ -275,7 +272,7 @@ def test_a_full_mail_volume_defers_mail_and_resumes_when_space_is_freed(lab: Lab
     assert_each_stored_once(lab, [o for o, _ in waiting + batch])
 
 
-# --- 6, 7: the host goes down ---------------------------------------------------------------------
+# --- the host goes down ---------------------------------------------------------------------------
 
 
 def in_delivery(lab: LabInfo, tag: str, count: int) -> list[Outcome]:
@@ -294,13 +291,13 @@ def in_delivery(lab: LabInfo, tag: str, count: int) -> list[Outcome]:
         lmtp = control.guest("pgrep -u postfix -x lmtp", lab).stdout.split()
         return len(active) >= count and bool(lmtp)
 
-    wait_for(delivering, 30, f"{count} messages in Postfix's active queue, its LMTP client waiting on Dovecot")
+    wait_for(delivering, 30, 0.5, f"{count} messages in Postfix's active queue, its LMTP client waiting on Dovecot")
     return [o for o, _ in batch]
 
 
 @pytest.fixture
 def thawed(lab: LabInfo) -> Iterator[None]:
-    """Whatever a case leaves behind, Dovecot and Postfix run again afterwards."""
+    """Whatever a test leaves behind, Dovecot and Postfix run again afterwards."""
     yield
     control.guest("sudo systemctl kill --signal=SIGCONT dovecot.service", lab)
     control.guest("sudo systemctl start dovecot.service postfix@-.service", lab)
@@ -385,11 +382,11 @@ def test_a_replaced_host_on_the_same_volume_keeps_every_mailbox_message_and_the_
     # And the new host signs with that key: a submitted message verifies against the served one.
     import dkim
 
-    from tests.lab.test_mail import dkim_dns
+    from tests.support.mail import dkim_dns
 
     msg = message(user, f"dana@{REMOTE_DOMAIN}", "after replacement")
     assert send(Outcome(msg["Message-ID"]), msg, port=SUBMISSION_PORT, login=(user, password)).accepted
-    wait_for(lambda: msg["Message-ID"] in relayed_ids(lab), DELIVERY_TIMEOUT, "the relay receiving it")
+    wait_for(lambda: msg["Message-ID"] in relayed_ids(lab), DELIVERY_TIMEOUT, 0.5, "the relay receiving it")
     raw = next(r for r in relayed_raw(lab) if msg["Message-ID"].encode() in r)
     txt = dkim_dns(lab)
     assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: txt.get(name, b""))

@@ -1,4 +1,4 @@
-"""Case 12: secrets stay secret. After a full lab deploy, and while a changed setting is deployed
+"""Secrets stay secret. After a full lab deploy, and while a changed setting is deployed
 and then undone, no secret appears where someone without root could read it: not in the
 droplet's user-data (DigitalOcean shows it to anyone with API access), not on a command line
 (`ps` shows every user every process's arguments), not in the system logs, not in the remote
@@ -15,6 +15,7 @@ material. Failures say which secret and where, never its value.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -101,17 +102,13 @@ def grep_host(lab: LabInfo, secrets: list[Secret], files: str) -> dict[str, set[
         "rm -f \"$p\""
     )  # fmt: skip
     patterns = "\n".join(m for s in secrets for m in s.markers) + "\n"
-    out = host(lab, "sudo sh -c " + _quote(script), patterns.encode())
+    out = host(lab, "sudo sh -c " + shlex.quote(script), patterns.encode())
     where: dict[str, set[str]] = {}
     for line in out.decode(errors="replace").splitlines():
         path, _, match = line.rpartition(":")
         for name in leaks(secrets, match):
             where.setdefault(name, set()).add(path)
     return where
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +131,7 @@ def redeploy(lab: LabInfo) -> Iterator[Redeploy]:
         f"n=0; while [ ! -e {STOP} ] && [ $n -lt {MAX_SAMPLES} ]; do n=$((n+1)); ps -eww -o args; done; "
         "echo mailroom-samples=$n"
     )
-    process = subprocess.Popen(control.ssh_argv(lab, f"sudo sh -c {_quote(sampler)} | sort -u"),
+    process = subprocess.Popen(control.ssh_argv(lab, f"sudo sh -c {shlex.quote(sampler)} | sort -u"),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     results: list[dict[str, Any]] = []
     try:

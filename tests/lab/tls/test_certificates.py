@@ -1,6 +1,7 @@
 """The host's certificate, as production gets it: certbot on the host, DNS-01 through the
 Cloudflare API with the program's scoped token, issued by an ACME CA (pebble standing in for
-Let's Encrypt), installed and renewed by the program's own script and deploy hook.
+Let's Encrypt), installed and renewed by the program's own script and deploy hook, and served
+on every TLS port (25, 465, 587, 993, 443).
 
 What the lab stands in for is only outside the host: api.cloudflare.com (infra.lab.world,
 reached by name with a lab CA certificate the host trusts), the ACME CA (pebble, whose root the
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -25,12 +24,9 @@ from cryptography import x509
 
 from infra.lab import control
 from infra.lab.mail import find, message, send_inbound, served_certificate
+from tests.support.lab import LAB_MARKS
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root: network namespaces, mounts, systemd-nspawn"),
-    pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="systemd-nspawn is not installed (make setup)"),
-]
+pytestmark = LAB_MARKS
 NAMES = ("mail.example.net", "mta-sts.example.net", "autoconfig.example.net")  # Pulumi.dev.yaml's host and domain
 PORTS = (25, 465, 587, 993, 443)
 
@@ -64,6 +60,24 @@ def test_certbot_proved_every_name_over_dns_01_and_cleaned_up(lab: control.LabIn
     assert listed.returncode == 0, listed.stderr
     domains = next(line for line in listed.stdout.splitlines() if "Domains:" in line).split()[1:]
     assert sorted(domains) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("port", [25, 465, 587, 993, 443])
+def test_every_tls_port_serves_the_certificate_certbot_obtained(lab: control.LabInfo, port: int) -> None:
+    """Verified as a client verifies it: chain to the ACME CA's root (pebble's, in the lab), name."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from infra.lab.mail import served_certificate
+
+    name = "mta-sts.example.net" if port == 443 else "mail.example.net"
+    der = served_certificate(port, name, cafile=control.trusted_roots()["mailroom-lab-acme-root"])
+    certificate = x509.load_der_x509_certificate(der)
+    assert certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "mail.example.net"
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    )
+    assert set(names) == {"mail.example.net", "mta-sts.example.net", "autoconfig.example.net"}
 
 
 def test_the_cloudflare_api_answers_only_the_programs_token(lab: control.LabInfo) -> None:

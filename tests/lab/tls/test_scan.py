@@ -1,4 +1,4 @@
-"""Case 11: what a TLS scanner sees. testssl, run from the outside world against the lab host on
+"""What a TLS scanner sees. testssl, run from the outside world against the lab host on
 25, 465, 587, 993 and 443, finds no protocol below TLS 1.2 on submission, IMAP and HTTPS (port
 25 keeps older TLS for opportunistic STARTTLS with other servers, but never SSL), no NULL,
 anonymous, export or RC4 cipher anywhere, and the certificate for the mail host's name, chained

@@ -1,0 +1,30 @@
+"""Submission to the relay, signed: a user's message submitted on 587 (STARTTLS) or 465 (implicit
+TLS) reaches the SES stand-in with the envelope it was given and a DKIM signature that verifies
+against the key the domain's DNS publishes."""
+
+from __future__ import annotations
+
+import dkim
+import pytest
+
+from infra.core.facts import SUBMISSIONS_PORT
+from infra.lab import control
+from infra.lab.control import REMOTE_DOMAIN
+from infra.lab.mail import message, relayed, submit
+from tests.support.lab import LAB_MARKS, alice
+from tests.support.mail import dkim_dns
+
+pytestmark = LAB_MARKS
+
+
+@pytest.mark.parametrize("port", [587, SUBMISSIONS_PORT])
+def test_submission_reaches_the_relay_dkim_signed(lab: control.LabInfo, port: int) -> None:
+    user, password = alice(lab)
+    msg = message(user, f"dana@{REMOTE_DOMAIN}", f"outbound on {port}")
+    submit(msg, user, password, port)
+    accepted = relayed(lab, msg["Message-ID"])
+    assert accepted is not None, "the SES stand-in received nothing"
+    assert accepted.sender == user and accepted.recipients == [f"dana@{REMOTE_DOMAIN}"]
+    txt = dkim_dns(lab)
+    assert dkim.verify(accepted.raw, dnsfunc=lambda name, timeout=5: txt.get(name, b""))
+    assert b"s=mail;" in accepted.raw.replace(b" ", b"") and b"d=example.net" in accepted.raw

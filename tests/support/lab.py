@@ -1,0 +1,22 @@
+"""What every lab test module shares: the marks that select and skip it, and the lab's users."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from infra.lab.control import LabInfo
+
+# A module's `pytestmark = LAB_MARKS`: marked `lab`, and skipped where no lab host can boot.
+LAB_MARKS = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root: network namespaces, mounts, systemd-nspawn"),
+    pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="systemd-nspawn is not installed (make setup)"),
+]
+
+
+def alice(lab: LabInfo) -> tuple[str, str]:
+    """The lab's first mailbox user and her password."""
+    return "alice@example.net", lab.passwords["alice@example.net"]
