@@ -1,7 +1,10 @@
 """The GitHub Actions workflows: valid, linted, and doing what docs/github-actions.md says.
 
 test.yml runs the README's test command; preview.yml previews every Pulumi.<stack>.yaml on pull
-requests; deploy.yml runs `pulumi up` for dev on main and for prod on a release tag only.
+requests; deploy.yml runs `pulumi up` for dev on main and for prod on a release tag only. The deploy
+job itself is declared once, in the reusable workflow pulumi-up.yml, which every deploy.yml job
+calls: the tests on deploy.yml's jobs follow that `uses:` and check the job that runs, with the
+caller's inputs and secrets put in (`jobs()`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from infra.core.facts import PROJECT_DIR
 
 ROOT = PROJECT_DIR
 WORKFLOWS = ROOT / ".github" / "workflows"
-NAMES = ("test.yml", "preview.yml", "deploy.yml")
+# The reusable workflow that holds the deploy job; only deploy.yml calls it.
+DEPLOY_JOB = "pulumi-up.yml"
+DEPLOY_JOB_USES = f"./.github/workflows/{DEPLOY_JOB}"
+NAMES = ("test.yml", "preview.yml", "deploy.yml", DEPLOY_JOB)
+DEPLOY_SECRETS = ("PULUMI_ACCESS_TOKEN", "DIGITALOCEAN_TOKEN", "CLOUDFLARE_API_TOKEN")
 DOCS = ROOT / "docs" / "github-actions.md"
 LAB_ARTIFACTS = ".lab-artifacts"
 # The most a job may run on a GitHub-hosted runner, and the default of timeout-minutes.
@@ -33,6 +40,9 @@ VENV_STEP = "python -m venv .venv && .venv/bin/pip install -r requirements.txt"
 # An action pinned by a full release version (v7.0.1) or a commit SHA; not a branch, not a major tag.
 PINNED = re.compile(r"^[\w.-]+/[\w./-]+@(v\d+\.\d+\.\d+|[0-9a-f]{40})$")
 SECRET = re.compile(r"\$\{\{\s*secrets\.(\w+)\s*\}\}")
+INPUT = re.compile(r"\$\{\{\s*inputs\.([\w-]+)\s*\}\}")
+# A step `if:` that is one input and nothing else, with or without ${{ }}.
+INPUT_CONDITION = re.compile(r"(?:\$\{\{\s*)?inputs\.([\w-]+)(?:\s*\}\})?")
 VAR = re.compile(r"\$\{\{[^}]*\bvars\.(\w+)")
 
 ACTIONLINT_MISSING = (
@@ -60,15 +70,128 @@ def triggers(workflow: dict[Any, Any]) -> dict[str, Any]:
     return on
 
 
-def jobs(name: str) -> dict[str, dict[str, Any]]:
+def declared_jobs(name: str) -> dict[str, dict[str, Any]]:
+    """The jobs as the file declares them: a job that calls a reusable workflow has no steps here."""
     found = load(name)["jobs"]
     assert isinstance(found, dict)
+    return found
+
+
+def jobs(name: str) -> dict[str, dict[str, Any]]:
+    """The jobs that run: a job that `uses:` a reusable workflow stands for the called workflow's job.
+
+    That job comes with the caller's inputs and secrets put in, and with the job keys the caller
+    sets (name, if, permissions, ...), so the tests below read deploy.yml's `dev` job as it runs.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for job_id, job in declared_jobs(name).items():
+        if "uses" not in job:
+            found[job_id] = job
+            continue
+        called = _called_jobs(job)
+        for called_id, called_job in called.items():
+            found[job_id if len(called) == 1 else f"{job_id}/{called_id}"] = called_job
     return found
 
 
 def steps(job: dict[str, Any]) -> list[dict[str, Any]]:
     found = job.get("steps", [])
     assert isinstance(found, list)
+    return found
+
+
+# --- following `uses:` into a reusable workflow -----------------------------------------------
+
+
+def _called_workflow(caller: dict[str, Any]) -> tuple[str, dict[Any, Any]]:
+    uses = str(caller["uses"])
+    name = uses.removeprefix("./.github/workflows/")
+    # A workflow of this repository, read at the caller's commit: no version to pin, none to drift.
+    assert name != uses and "/" not in name and "@" not in name, f"not a workflow of this repository: {uses}"
+    workflow = load(name)
+    assert "workflow_call" in triggers(workflow), f"{name} is not a reusable workflow"
+    return name, workflow
+
+
+def _inputs(caller: dict[str, Any], name: str, workflow: dict[Any, Any]) -> dict[str, Any]:
+    """The value of every input the called workflow declares, as the caller's `with:` sets it."""
+    declared = triggers(workflow)["workflow_call"].get("inputs") or {}
+    given = caller.get("with") or {}
+    assert set(given) <= set(declared), f"{name} has no input {sorted(set(given) - set(declared))}"
+    values: dict[str, Any] = {}
+    for input_id, spec in declared.items():
+        if input_id in given:
+            values[input_id] = given[input_id]
+        else:
+            assert not spec.get("required"), f"the caller of {name} does not set the required input {input_id}"
+            values[input_id] = spec.get("default", {"boolean": False, "number": 0}.get(spec["type"], ""))
+    return values
+
+
+def _secrets(caller: dict[str, Any], name: str, workflow: dict[Any, Any]) -> dict[str, str] | None:
+    """The secrets the caller passes by name (None for `secrets: inherit`, which passes them all)."""
+    passed = caller.get("secrets") or {}
+    if passed == "inherit":
+        return None
+    declared = triggers(workflow)["workflow_call"].get("secrets") or {}
+    assert set(passed) <= set(declared), f"{name} declares no secret {sorted(set(passed) - set(declared))}"
+    for secret, spec in declared.items():
+        assert secret in passed or not (spec or {}).get("required"), f"{name} requires the secret {secret}"
+    return {key: str(value) for key, value in passed.items()}
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def _put_in(value: Any, inputs: dict[str, Any], secrets: dict[str, str] | None) -> Any:
+    """`value` with ${{ inputs.X }} and ${{ secrets.X }} as the caller sets them."""
+    if isinstance(value, dict):
+        return {key: _put_in(item, inputs, secrets) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_put_in(item, inputs, secrets) for item in value]
+    if not isinstance(value, str):
+        return value
+    if (whole := INPUT.fullmatch(value.strip())) is not None:
+        return inputs[whole[1]]  # an input keeps its type: a boolean stays a boolean
+    value = INPUT.sub(lambda m: _text(inputs[m[1]]), value)
+    if secrets is not None:
+        # A secret the caller does not pass is empty in the called workflow; GITHUB_TOKEN always is there.
+        value = SECRET.sub(lambda m: secrets.get(m[1], m[0] if m[1] == "GITHUB_TOKEN" else ""), value)
+    return value
+
+
+def _step_if(step: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """A step whose `if:` is one boolean input: without the `if:` when it is true, None when false."""
+    condition = step.get("if")
+    if not isinstance(condition, str) or (match := INPUT_CONDITION.fullmatch(condition.strip())) is None:
+        return step
+    value = inputs[match[1]]
+    assert isinstance(value, bool), f"{condition} is {value!r}, not true or false"
+    return {key: item for key, item in step.items() if key != "if"} if value else None
+
+
+def _called_jobs(caller: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    name, workflow = _called_workflow(caller)
+    inputs = _inputs(caller, name, workflow)
+    secrets = _secrets(caller, name, workflow)
+    found: dict[str, dict[str, Any]] = {}
+    for job_id, job in workflow["jobs"].items():
+        assert "uses" not in job, f"{name} {job_id} calls another reusable workflow"
+        kept = [s for s in (_step_if(step, inputs) for step in steps(job)) if s is not None]
+        run = _put_in({**job, "steps": kept}, inputs, secrets)
+        # The caller's job keys apply to the called job. A key set on both sides would apply
+        # twice (two `if:`s, two concurrency groups), which this reading does not model.
+        for key in ("if", "needs", "strategy", "concurrency"):
+            if key in caller:
+                assert key not in job, f"{key} is set both by the caller and in {name} {job_id}"
+                run[key] = caller[key]
+        # The called job cannot widen the caller's permissions; both are checked against what the
+        # steps need (test_permissions_are_least_privilege_per_job), so they are the same.
+        for key in ("name", "permissions"):
+            if key in caller:
+                run[key] = caller[key]
+        found[job_id] = run
     return found
 
 
@@ -95,7 +218,7 @@ def stack_files(directory: Path) -> list[str]:
 # --- validity --------------------------------------------------------------------------------
 
 
-def test_the_three_workflows_exist() -> None:
+def test_the_workflows_exist() -> None:
     assert sorted(p.name for p in WORKFLOWS.glob("*.y*ml")) == sorted(NAMES)
 
 
@@ -140,7 +263,10 @@ def test_workflows_pass_actionlint() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_action_is_pinned_by_version(name: str) -> None:
-    for job_id, job in jobs(name).items():
+    for job_id, job in declared_jobs(name).items():
+        # A reusable workflow of this repository is read at the caller's own commit.
+        if "uses" in job and not job["uses"].startswith("./.github/workflows/"):
+            assert PINNED.match(job["uses"]), f"{name} {job_id}: {job['uses']} is not pinned by version"
         for step in steps(job):
             if "uses" in step:
                 assert PINNED.match(step["uses"]), f"{name} {job_id}: {step['uses']} is not pinned by version"
@@ -180,7 +306,7 @@ def test_test_workflow_uploads_the_lab_findings_even_when_the_tests_fail() -> No
 
 def test_the_uploaded_directory_is_where_the_lab_writes_and_git_ignores() -> None:
     assert f"/{LAB_ARTIFACTS}/" in (ROOT / ".gitignore").read_text().splitlines()
-    scan = (ROOT / "tests" / "reliability" / "test_tls_scan.py").read_text()
+    scan = (ROOT / "tests" / "lab" / "tls" / "test_scan.py").read_text()
     assert f'"{LAB_ARTIFACTS}"' in scan, "the TLS scan no longer writes under .lab-artifacts/"
 
 
@@ -346,6 +472,12 @@ def test_a_new_stack_deploys_by_hand_through_its_own_environment() -> None:
     (manual,) = [j for j in jobs("deploy.yml").values() if "inputs.stack" in str(j.get("environment"))]
     checks = [s for s in steps(manual) if 'test -f "Pulumi.${STACK}.yaml"' in s.get("run", "")]
     assert checks and checks[0]["env"]["STACK"] == "${{ inputs.stack }}"
+    # A typed stack name is checked before Python, the packages or the credentials are set up.
+    assert steps(manual).index(checks[0]) < steps(manual).index(pulumi_steps(manual)[0])
+    assert [action(s) for s in steps(manual)[: steps(manual).index(checks[0])]] == ["actions/checkout"]
+    # The push jobs deploy stacks whose files are in the repository: no check for them.
+    for job_id in ("dev", "prod"):
+        assert not [s for s in steps(jobs("deploy.yml")[job_id]) if "Pulumi.${STACK}" in s.get("run", "")], job_id
 
 
 @pytest.mark.parametrize("stack", ["dev", "prod", "staging"])
@@ -407,6 +539,15 @@ def test_the_deploy_runner_is_chosen_by_a_variable_not_by_editing(job_id: str) -
     assert _pulumi_up_jobs()[job_id]["runs-on"] == DEPLOY_RUNS_ON
 
 
+@pytest.mark.parametrize("job_id", ["dev", "prod", "manual"])
+def test_each_deploy_assumes_its_environment_deploy_role(job_id: str) -> None:
+    # The role is the environment's variable; the session name (CloudTrail, and any trust policy
+    # that conditions on it) names the job, as when each job declared its own steps.
+    (aws,) = [s for s in steps(_pulumi_up_jobs()[job_id]) if action(s) == "aws-actions/configure-aws-credentials"]
+    assert aws["with"]["role-to-assume"] == "${{ vars.AWS_DEPLOY_ROLE_ARN }}"
+    assert aws["with"]["role-session-name"] == f"mailroom-deploy-{job_id}"
+
+
 def test_deploy_runner_is_documented_as_a_repository_variable() -> None:
     # runs-on is evaluated before the job enters its environment: an environment variable
     # DEPLOY_RUNNER would be silently ignored, so the docs must not say to create one there.
@@ -420,11 +561,68 @@ def test_deploy_runner_is_documented_as_a_repository_variable() -> None:
         assert "DEPLOY_RUNNER" not in json.dumps(load(name)), name
 
 
+def _local_action_steps() -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for path in sorted((ROOT / ".github" / "actions").glob("**/action.y*ml")):
+        found += yaml.safe_load(path.read_text()).get("runs", {}).get("steps", [])
+    return found
+
+
+def test_the_deploy_job_is_declared_once() -> None:
+    # deploy.yml says when a stack is deployed; each of its jobs calls the one job that does it.
+    for job_id, job in declared_jobs("deploy.yml").items():
+        assert job.get("uses") == DEPLOY_JOB_USES, f"deploy.yml {job_id} does not call {DEPLOY_JOB}"
+        assert "steps" not in job, f"deploy.yml {job_id} declares steps of its own"
+    assert len(declared_jobs(DEPLOY_JOB)) == 1
+    # `pulumi up` is one step in one file, of all workflows and local actions.
+    ups = [
+        f"{name} {job_id}"
+        for name in NAMES
+        for job_id, job in declared_jobs(name).items()
+        for step in pulumi_steps(job)
+        if step["with"]["command"] == "up"
+    ]
+    ups += [str(s) for s in _local_action_steps() if action(s) == "pulumi/actions"]
+    assert ups == [f"{DEPLOY_JOB} up"], ups
+
+
+def test_the_deploy_job_runs_only_when_deploy_yml_calls_it() -> None:
+    # No trigger of its own: "Run workflow" on it would skip deploy.yml's `prod only from a
+    # release tag`, and the stacks' `if:` rules are all in deploy.yml.
+    assert set(triggers(load(DEPLOY_JOB))) == {"workflow_call"}
+    call = triggers(load(DEPLOY_JOB))["workflow_call"]
+    for input_id, spec in call["inputs"].items():
+        assert spec.get("type") in {"string", "boolean", "number"}, f"{input_id} has no type"
+        assert spec.get("description"), f"{input_id} has no description"
+    assert set(call["secrets"]) == set(DEPLOY_SECRETS)
+    callers = [
+        f"{name} {job_id}"
+        for name in NAMES
+        for job_id, job in declared_jobs(name).items()
+        if job.get("uses") == DEPLOY_JOB_USES
+    ]
+    # The same environments as before, in the same order, none waiting for another (no needs:).
+    assert callers == ["deploy.yml dev", "deploy.yml prod", "deploy.yml manual"], callers
+    assert not [job_id for job_id, job in jobs("deploy.yml").items() if "needs" in job]
+
+
+def test_deploy_passes_the_deploy_secrets_by_name_and_no_others() -> None:
+    # Not `secrets: inherit`: the deploy job can read the three secrets `pulumi up` needs and no
+    # other. The calling job names no environment, so this passes no value of its own: the called
+    # job, which runs in the stack's environment, reads that environment's secrets.
+    for job_id, job in declared_jobs("deploy.yml").items():
+        assert job.get("secrets") == {s: f"${{{{ secrets.{s} }}}}" for s in DEPLOY_SECRETS}, job_id
+    for job_id, job in jobs("deploy.yml").items():
+        assert environment_name(job) is not None, f"{job_id}: without an environment it gets no environment secrets"
+
+
 # --- all workflows -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_permissions_are_least_privilege_per_job(name: str) -> None:
+    # For deploy.yml's jobs, the permissions the caller grants, checked against the called job's
+    # steps; pulumi-up.yml's own job is checked as a job of that file.
     assert load(name)["permissions"] == {"contents": "read"}
     for job_id, job in jobs(name).items():
         expected = {"contents": "read"}
