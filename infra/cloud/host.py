@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pulumi
 import pulumi_digitalocean as do
 
@@ -30,11 +32,42 @@ ALERTS = (
 )
 
 
-def inbound_rules(settings: Settings) -> list[do.FirewallInboundRuleArgs]:
-    rules = [
-        do.FirewallInboundRuleArgs(
-            protocol="tcp", port_range=str(SSH_PORT), source_addresses=list(settings.admin_cidrs)
+@dataclass(frozen=True)
+class HostArgs:
+    """What the DigitalOcean side needs to know of the settings."""
+
+    host_name: str
+    domain: str
+    region: str
+    droplet_size: str
+    image: str
+    backups: bool
+    volume_name: str
+    volume_size_gb: int
+    admin_cidrs: tuple[str, ...]
+    ssh_public_keys: tuple[str, ...]
+    alert_email: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> HostArgs:
+        return cls(
+            host_name=settings.host_name,
+            domain=settings.domain,
+            region=settings.region,
+            droplet_size=settings.droplet_size,
+            image=settings.image.value,
+            backups=settings.backups,
+            volume_name=settings.volume_name,
+            volume_size_gb=settings.volume_size_gb,
+            admin_cidrs=tuple(settings.admin_cidrs),
+            ssh_public_keys=tuple(settings.ssh_public_keys),
+            alert_email=settings.alert_email,
         )
+
+
+def inbound_rules(args: HostArgs) -> list[do.FirewallInboundRuleArgs]:
+    rules = [
+        do.FirewallInboundRuleArgs(protocol="tcp", port_range=str(SSH_PORT), source_addresses=list(args.admin_cidrs))
     ]
     rules += [
         do.FirewallInboundRuleArgs(protocol="tcp", port_range=str(port), source_addresses=list(ANYWHERE))
@@ -60,7 +93,7 @@ class MailHost(pulumi.ComponentResource):
     def __init__(
         self,
         name: str,
-        settings: Settings,
+        args: HostArgs,
         user_data: pulumi.Input[str],
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
@@ -69,18 +102,18 @@ class MailHost(pulumi.ComponentResource):
         tag = do.Tag(f"{name}-tag", name="mailroom", opts=child)
 
         keys = [
-            do.SshKey(f"{name}-ssh-{i}", name=f"{settings.host_name}-{i}", public_key=key, opts=child)
-            for i, key in enumerate(settings.ssh_public_keys)
+            do.SshKey(f"{name}-ssh-{i}", name=f"{args.host_name}-{i}", public_key=key, opts=child)
+            for i, key in enumerate(args.ssh_public_keys)
         ]
 
         # The mail lives here, not on the droplet: protected from `pulumi destroy` and kept by
         # DigitalOcean if Pulumi ever deletes it, so replacing the droplet loses no mail.
         self.volume = do.Volume(
             f"{name}-mail",
-            name=settings.volume_name,
-            region=settings.region,
-            size=settings.volume_size_gb,
-            description=f"mail of {settings.domain} (mailroom)",
+            name=args.volume_name,
+            region=args.region,
+            size=args.volume_size_gb,
+            description=f"mail of {args.domain} (mailroom)",
             tags=[tag.name],
             opts=pulumi.ResourceOptions(parent=self, protect=True, retain_on_delete=True),
         )
@@ -90,13 +123,13 @@ class MailHost(pulumi.ComponentResource):
         # mail server, so they are ignored and the remote commands converge the server instead.
         self.droplet = do.Droplet(
             f"{name}-droplet",
-            name=settings.host_name,
-            region=settings.region,
-            size=settings.droplet_size,
-            image=settings.image.value,
+            name=args.host_name,
+            region=args.region,
+            size=args.droplet_size,
+            image=args.image,
             ipv6=True,
             monitoring=True,
-            backups=settings.backups,
+            backups=args.backups,
             ssh_keys=[k.fingerprint for k in keys],
             user_data=user_data,
             tags=[tag.name],
@@ -112,9 +145,9 @@ class MailHost(pulumi.ComponentResource):
         )
         do.Firewall(
             f"{name}-firewall",
-            name=f"mailroom-{settings.host_name.replace('.', '-')}",
+            name=f"mailroom-{args.host_name.replace('.', '-')}",
             droplet_ids=[self.droplet.id.apply(int)],
-            inbound_rules=inbound_rules(settings),
+            inbound_rules=inbound_rules(args),
             outbound_rules=outbound_rules(),
             opts=child,
         )
@@ -127,8 +160,8 @@ class MailHost(pulumi.ComponentResource):
                 window="10m",
                 enabled=True,
                 entities=[self.droplet.id],
-                description=f"{settings.host_name}: {description}",
-                alerts=do.MonitorAlertAlertsArgs(emails=[settings.alert_email]),
+                description=f"{args.host_name}: {description}",
+                alerts=do.MonitorAlertAlertsArgs(emails=[args.alert_email]),
                 opts=child,
             )
 

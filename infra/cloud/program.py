@@ -11,9 +11,9 @@ import pulumi_random as random
 import pulumi_tls as tls
 from pulumi.runtime import config as runtime_config
 
-from infra.cloud.host import MailHost
+from infra.cloud.host import HostArgs, MailHost
 from infra.cloud.provisioning import Provisioning
-from infra.cloud.relay import SesRelay
+from infra.cloud.relay import RelayArgs, SesRelay
 from infra.core.bundle import ServerSecrets
 from infra.core.dns import Facts, dkim_public_key_body
 from infra.core.facts import SMTP2GO_HOST
@@ -50,9 +50,9 @@ def build(settings: Settings) -> dict[str, Any]:
     user_data = deploy_public.apply(
         lambda key: render_user_data(dataclasses.replace(settings, ssh_public_keys=(*settings.ssh_public_keys, key)))
     )
-    host = MailHost("mail", settings, user_data)
+    host = MailHost("mail", HostArgs.of(settings), user_data)
 
-    relay = SesRelay("ses", settings) if settings.relay is Relay.SES else None
+    relay = SesRelay("ses", RelayArgs.of(settings)) if settings.relay is Relay.SES else None
     tokens = relay.dkim_tokens if relay else pulumi.Output.from_input([])
     facts = pulumi.Output.all(host.ipv4, host.ipv6, dkim_key.public_key_pem, tokens).apply(
         lambda v: Facts(v[0], v[1], dkim_public_key_body(v[2]), tuple(v[3]))

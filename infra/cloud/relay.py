@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import pulumi
@@ -57,6 +58,19 @@ def topic_policy(topic_arn: str, account_id: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class RelayArgs:
+    """What the SES side needs to know of the settings."""
+
+    domain: str
+    region: str
+    alert_email: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> RelayArgs:
+        return cls(domain=settings.domain, region=settings.ses_region, alert_email=settings.alert_email)
+
+
 class SesRelay(pulumi.ComponentResource):
     identity: aws.sesv2.EmailIdentity
     dkim_tokens: pulumi.Output[list[str]]
@@ -64,14 +78,14 @@ class SesRelay(pulumi.ComponentResource):
     smtp_password: pulumi.Output[str]
     endpoint: str
 
-    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, name: str, args: RelayArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("mailroom:index:SesRelay", name, None, opts)
         # An explicit provider: the SMTP password (v4) is derived for the provider's region, and
         # it must be the SES region, whatever the default AWS region of the machine running Pulumi.
-        provider = aws.Provider(f"{name}-aws", region=settings.ses_region, opts=pulumi.ResourceOptions(parent=self))
+        provider = aws.Provider(f"{name}-aws", region=args.region, opts=pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, provider=provider)
-        domain = settings.domain
-        self.endpoint = ses_smtp_endpoint(settings.ses_region)
+        domain = args.domain
+        self.endpoint = ses_smtp_endpoint(args.region)
 
         config_set = aws.sesv2.ConfigurationSet(
             f"{name}-events",
@@ -110,7 +124,7 @@ class SesRelay(pulumi.ComponentResource):
             f"{name}-notices-email",
             topic=topic.arn,
             protocol="email",
-            endpoint=settings.alert_email,
+            endpoint=args.alert_email,
             opts=child,
         )
         aws.sesv2.ConfigurationSetEventDestination(
