@@ -519,28 +519,26 @@ def _parse_caa_issuer(p: _Parser, acme_server: str) -> str:
     return value
 
 
-def parse_settings(
-    raw: Mapping[str, Any],
-    schema: Mapping[str, SettingSpec] | None = None,
-    encrypted: Iterable[str] | None = None,
-) -> Settings:
-    """Read stack settings (bare keys, e.g. "domain") into `Settings`, or raise `SettingsError`.
-
-    `encrypted` names the keys the stack holds encrypted; when given, a secret setting stored in
-    plain text is refused.
-    """
-    schema = load_schema() if schema is None else schema
-    p = _Parser(raw, schema)
-    for key in raw:
-        if key not in schema:
+def _check_keys(p: _Parser, encrypted: Iterable[str] | None) -> None:
+    """Every key is a mailroom setting, and (when the engine says which are) every secret is encrypted."""
+    for key in p.raw:
+        if key not in p.schema:
             p.problems.append(
-                f"{key}: not a mailroom setting{_closest(key, schema)} (see Pulumi.yaml for every setting)"
+                f"{key}: not a mailroom setting{_closest(key, p.schema)} (see Pulumi.yaml for every setting)"
             )
-        elif encrypted is not None and schema[key].secret and raw[key] and key not in set(encrypted):
+        elif encrypted is not None and p.schema[key].secret and p.raw[key] and key not in set(encrypted):
             p.problems.append(
                 f"{key}: stored in plain text in the stack file; set it again with pulumi config set --secret {key}"
             )
 
+
+@dataclass(frozen=True)
+class _HostNames:
+    domain: str
+    host_name: str
+
+
+def _host_names(p: _Parser) -> _HostNames:
     domain = p.string("domain").lower().rstrip(".")
     if domain and not is_domain_name(domain):
         p.problem("domain", domain, "not a domain name; accepted: e.g. example.org")
@@ -549,12 +547,33 @@ def parse_settings(
         p.problem("hostName", host, "not a host name; accepted: e.g. mail.example.org")
     elif host and domain and not host.endswith("." + domain):
         p.problem("hostName", host, f"outside the domain {domain}; accepted: a name under it, e.g. mail.{domain}")
+    return _HostNames(domain, host)
 
+
+@dataclass(frozen=True)
+class _Droplet:
+    region: str
+    size: str
+    image: Image
+
+
+def _droplet(p: _Parser) -> _Droplet:
     region = p.one_of("region", REGIONS, "a DigitalOcean region with volumes")
     size = p.one_of("dropletSize", DROPLET_MEMORY_MB, "a known droplet size")
     if size in DROPLET_MEMORY_MB and DROPLET_MEMORY_MB[size] < MIN_MEMORY_MB:
         p.problem("dropletSize", size, "too small for the mail stack; accepted: 1 GB or more, e.g. s-1vcpu-1gb")
-    image = p.choice("image", Image)
+    return _Droplet(region, size, p.choice("image", Image))
+
+
+@dataclass(frozen=True)
+class _Access:
+    admin_user: str
+    ssh_public_keys: tuple[str, ...]
+    admin_cidrs: tuple[str, ...]
+
+
+def _access(p: _Parser) -> _Access:
+    """Who logs in to the server (the admin user and its SSH keys) and from where (the firewall's CIDRs)."""
     admin_user = p.string("adminUser")
     if admin_user and (not ADMIN_USER_RE.match(admin_user) or admin_user == "root"):
         p.problem(
@@ -564,8 +583,19 @@ def parse_settings(
     if "sshPublicKeys" in p.raw and not ssh_keys:
         p.problem("sshPublicKeys", ssh_keys, "empty; the server would be unreachable. Add your OpenSSH public key")
     _check_items(p, "sshPublicKeys", ssh_keys, _ssh_key_problem)
-    cidrs = _parse_cidrs(p)
+    return _Access(admin_user, tuple(ssh_keys), _parse_cidrs(p))
 
+
+@dataclass(frozen=True)
+class _RelayChoice:
+    relay: Relay
+    ses_region: str
+    smtp2go_username: str
+    smtp2go_password: Secret
+
+
+def _relay(p: _Parser) -> _RelayChoice:
+    """How outbound mail leaves, with what the chosen relay needs (its SES region, or SMTP2GO's login)."""
     relay = p.choice("relay", Relay)
     ses_region = p.string("sesRegion")
     if relay is Relay.SES and ses_region not in SES_REGIONS:
@@ -579,7 +609,10 @@ def parse_settings(
             p.problems.append(
                 "smtp2goPassword: missing; relay smtp2go needs it: pulumi config set --secret smtp2goPassword"
             )
+    return _RelayChoice(relay, ses_region, smtp2go_user, smtp2go_password)
 
+
+def _dkim_selector(p: _Parser) -> str:
     selector = p.string("dkimSelector").lower()
     if not LABEL_RE.match(selector):
         p.problem(
@@ -587,45 +620,83 @@ def parse_settings(
             selector,
             "not a DNS label; accepted: letters, digits and inner hyphens, up to 63, e.g. mail or s2026",
         )
+    return selector
 
-    alert = p.address("alertEmail", p.string("alertEmail")) if "alertEmail" in raw else p.string("alertEmail")
-    dmarc_report = p.string("dmarcReportAddress") or f"dmarc-reports@{domain}"
-    dmarc_report = p.address("dmarcReportAddress", dmarc_report)
-    tls_rpt = p.string("tlsRptAddress") or f"tls-reports@{domain}"
-    tls_rpt = p.address("tlsRptAddress", tls_rpt)
 
-    hashes = _parse_password_hashes(p)
-    mailboxes = _parse_mailboxes(p, domain, hashes)
+@dataclass(frozen=True)
+class _ReportAddresses:
+    alert_email: str
+    dmarc_report_address: str
+    tls_rpt_address: str
+
+
+def _report_addresses(p: _Parser, domain: str) -> _ReportAddresses:
+    """Where alerts and notices go, and the DMARC and TLS report addresses (by default in the domain)."""
+    alert = p.address("alertEmail", p.string("alertEmail")) if "alertEmail" in p.raw else p.string("alertEmail")
+    dmarc_report = p.address("dmarcReportAddress", p.string("dmarcReportAddress") or f"dmarc-reports@{domain}")
+    tls_rpt = p.address("tlsRptAddress", p.string("tlsRptAddress") or f"tls-reports@{domain}")
+    return _ReportAddresses(alert, dmarc_report, tls_rpt)
+
+
+def _mailboxes_and_aliases(
+    p: _Parser, domain: str, reports: _ReportAddresses
+) -> tuple[tuple[Mailbox, ...], tuple[Alias, ...]]:
+    """The mailboxes with their password hashes, and every alias: the listed ones, then the defaults."""
+    mailboxes = _parse_mailboxes(p, domain, _parse_password_hashes(p))
     aliases = _parse_aliases(p, domain, mailboxes)
-    aliases = _default_aliases(aliases, mailboxes, (dmarc_report, tls_rpt))
+    report_aliases = (reports.dmarc_report_address, reports.tls_rpt_address)
+    return mailboxes, _default_aliases(aliases, mailboxes, report_aliases)
 
+
+def parse_settings(
+    raw: Mapping[str, Any],
+    schema: Mapping[str, SettingSpec] | None = None,
+    encrypted: Iterable[str] | None = None,
+) -> Settings:
+    """Read stack settings (bare keys, e.g. "domain") into `Settings`, or raise `SettingsError`.
+
+    `encrypted` names the keys the stack holds encrypted; when given, a secret setting stored in
+    plain text is refused.
+
+    The steps run in a fixed order, and the problems are listed in the order the steps find them;
+    the settings that need no check beyond their type are read last, in `Settings`' field order.
+    """
+    p = _Parser(raw, load_schema() if schema is None else schema)
+    _check_keys(p, encrypted)
+    names = _host_names(p)
+    droplet = _droplet(p)
+    access = _access(p)
+    relay = _relay(p)
+    dkim_selector = _dkim_selector(p)
+    reports = _report_addresses(p, names.domain)
+    mailboxes, aliases = _mailboxes_and_aliases(p, names.domain, reports)
     acme_server = _parse_acme_server(p)
     settings = Settings(
-        domain=domain,
-        host_name=host,
-        region=region,
-        droplet_size=size,
-        image=image,
-        admin_user=admin_user,
-        ssh_public_keys=tuple(ssh_keys),
-        admin_cidrs=cidrs,
+        domain=names.domain,
+        host_name=names.host_name,
+        region=droplet.region,
+        droplet_size=droplet.size,
+        image=droplet.image,
+        admin_user=access.admin_user,
+        ssh_public_keys=access.ssh_public_keys,
+        admin_cidrs=access.admin_cidrs,
         allow_ssh_from_anywhere=p.boolean("allowSshFromAnywhere"),
         volume_size_gb=p.integer("volumeSizeGb", *VOLUME_GB_RANGE),
         backups=p.boolean("backups"),
-        relay=relay,
-        ses_region=ses_region,
-        smtp2go_username=smtp2go_user,
-        smtp2go_password=smtp2go_password,
+        relay=relay.relay,
+        ses_region=relay.ses_region,
+        smtp2go_username=relay.smtp2go_username,
+        smtp2go_password=relay.smtp2go_password,
         spam_filter=p.choice("spamFilter", SpamFilter),
         webmail=p.boolean("webmail"),
-        dkim_selector=selector,
+        dkim_selector=dkim_selector,
         dmarc_policy=p.choice("dmarcPolicy", DmarcPolicy),
-        dmarc_report_address=dmarc_report,
+        dmarc_report_address=reports.dmarc_report_address,
         mta_sts_mode=p.choice("mtaStsMode", MtaStsMode),
-        tls_rpt_address=tls_rpt,
+        tls_rpt_address=reports.tls_rpt_address,
         acme_server=acme_server,
         caa_issuer=_parse_caa_issuer(p, acme_server),
-        alert_email=alert,
+        alert_email=reports.alert_email,
         mailboxes=mailboxes,
         aliases=aliases,
         message_size_limit_mb=p.integer("messageSizeLimitMb", *MESSAGE_MB_RANGE),
