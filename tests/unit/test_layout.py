@@ -44,7 +44,7 @@ def test_the_check_notices_a_forbidden_import() -> None:
     assert any(FORBIDDEN.match(m) for m in imported_by("infra.cloud.provisioning"))
 
 
-# Numbering from the tracker ("issue 7", "case 12", "the issue's floor") says nothing to a reader.
+# Numbering from the tracker (an issue's or a case's number) says nothing to a reader.
 TRACKER_TEXT = re.compile(r"\bissue ?#?\d+|\bcases? \d+|\bthe issue's\b", re.IGNORECASE)
 TEXT_SUFFIXES = {".py", ".md", ".j2", ".yml", ".yaml", ".toml", ".txt", ".sh", ".cfg", ""}
 
@@ -62,13 +62,15 @@ def test_no_tracker_numbering_in_code_templates_tests_or_docs() -> None:
         f"{name}:{number}: {line.strip()}"
         for name in tracked_text_files()
         for number, line in enumerate((PROJECT_DIR / name).read_text(errors="replace").splitlines(), 1)
-        if TRACKER_TEXT.search(line) and name != "tests/unit/test_layout.py"
+        if TRACKER_TEXT.search(line)
     ]
     assert not found, "say what it is, not its number:\n" + "\n".join(found)
 
 
 def test_the_numbering_pattern_matches_what_it_must() -> None:
-    for text in ("Benchmarks (issue 7)", "cases 1-7", "Case 12: secrets", "the issue's floor", "issue #3"):
-        assert TRACKER_TEXT.search(text), text
+    # Built from parts, so that this file's own text holds no numbering.
+    for word, rest in (("issue", " 7"), ("cases", " 1-7"), ("Case", " 12: secrets"), ("issue", " #3")):
+        assert TRACKER_TEXT.search(f"Benchmarks ({word}{rest})"), word + rest
+    assert TRACKER_TEXT.search("the " + "issue's floor")
     for text in ("a known issue with Dovecot", "in case the relay is down", "issues 'STARTTLS'"):
         assert not TRACKER_TEXT.search(text), text
