@@ -196,9 +196,10 @@ def jail_state(door: Door, lab: LabInfo) -> str:
     status = control.guest(f"sudo fail2ban-client status {door.jail}", lab).stdout
     seen = control.guest(f"sudo journalctl --since -5min -o cat | grep -c '{door.attacker}'", lab).stdout.strip()
     actions = control.guest("sudo tail -n 20 /var/log/fail2ban.log", lab).stdout.strip()
+    rules = control.guest("sudo nft list table inet f2b-table", lab).stdout.strip()
     return (
         f"{' '.join(status.split())}; journal lines naming {door.attacker} in the last 5 min: {seen}; "
-        f"fail2ban's last lines:\n{actions}"
+        f"fail2ban's last lines:\n{actions}\nfail2ban's nftables rules:\n{rules}"
     )
 
 
@@ -246,14 +247,19 @@ def test_failed_logins_ban_the_address_others_keep_working_and_the_ban_ends(
         )
         ban = banned(door.jail, lab)
         assert door.attacker in ban, f"the {door.jail} jail lists {sorted(ban)}"
-        assert ban[door.attacker] == SHORT_BANTIME
+        # The shortened ban, not the configured hour. fail2ban prolongs a ban by a failure it reads
+        # after banning (banmanager.addBanTicket: the ban time grows by that failure's lateness), so
+        # the ten concurrent guesses may add a second or two.
+        assert SHORT_BANTIME <= ban[door.attacker] < SHORT_BANTIME + BAN_WAIT, (
+            f"{door.attacker} is banned for {ban[door.attacker]} s, not the {SHORT_BANTIME} s set for this attack"
+        )
         assert not NEVER_BANNED & set(ban), "one of the lab's own addresses was banned"
         bystander = greets(door, BYSTANDER) and good_login(door, lab, BYSTANDER)
         assert bystander, f"another address cannot log in on {door.name} while {door.attacker} is banned"
 
         # The ban ends when its time is up: the attacker's address is let in again.
-        assert until(lambda: greets(door, door.attacker), SHORT_BANTIME + BAN_WAIT), (
-            f"{door.attacker} is still shut out of {door.name} after its {SHORT_BANTIME} s ban: "
+        assert until(lambda: greets(door, door.attacker), ban[door.attacker] + BAN_WAIT), (
+            f"{door.attacker} is still shut out of {door.name} after its {ban[door.attacker]} s ban: "
             + jail_state(door, lab)
         )
         after = banned(door.jail, lab)
