@@ -1,6 +1,6 @@
 """Benchmarks of the mail stack on a lab host, per spam filter mode, webmail on.
 
-For each mode, one fresh lab (`infra.lab.control.up`: the program's own user-data and remote
+For each mode, one fresh lab (`infra.lab.deploy.up`: the program's own user-data and remote
 commands on a Debian 12 host) and, in this order:
 
 1. memory  PSS and RSS of every systemd unit of the host after the deploy; right after the
@@ -53,9 +53,10 @@ from bench import floor
 from bench.program import DEFAULT_OUT, record
 from infra.core.facts import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT
 from infra.core.stack import stack_config
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, LabInfo
+from infra.lab import deploy, host, network
 from infra.lab.mail import unverified
+from infra.lab.network import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS
+from infra.lab.state import LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4
 
 PROBE = Path(__file__).with_name("guest_probe.py")
@@ -148,7 +149,7 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def probe(info: LabInfo) -> dict[str, Any]:
-    result = subprocess.run(control.ssh_argv(info, "sudo python3 -"), input=PROBE.read_text(), capture_output=True,
+    result = subprocess.run(host.ssh_argv(info, "sudo python3 -"), input=PROBE.read_text(), capture_output=True,
                             text=True, check=True, timeout=60)  # fmt: skip
     figures: dict[str, Any] = json.loads(result.stdout)
     return figures
@@ -202,7 +203,7 @@ def stored_ids(info: LabInfo) -> list[str]:
                         ids.append(part[1].decode(errors="replace").partition(":")[2].strip())
         return ids
 
-    return control.in_netns(WORLD_NS, fetch)
+    return network.in_netns(WORLD_NS, fetch)
 
 
 # --- 2. inbound latency ---------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def inbound_latency(info: LabInfo, count: int, seed: int = 7) -> dict[str, Any]:
                 visible_ms.append((visible - started) * 1000)
         return smtp_ms, visible_ms, sizes
 
-    smtp_ms, visible_ms, sizes = control.in_netns(WORLD_NS, run)
+    smtp_ms, visible_ms, sizes = network.in_netns(WORLD_NS, run)
     return {
         "visible_ms": percentiles(visible_ms),
         "smtp_ms": percentiles(smtp_ms),
@@ -247,12 +248,12 @@ def filter_profile(info: LabInfo, mode: str, last: int) -> dict[str, Any]:
     """What the spam filter itself says each of the LAST inbound messages cost: rspamd logs its
     scan time (ms) and DNS requests per message, spamd its scan time (in tenths of a second)."""
     if mode == "rspamd":
-        log = control.guest("sudo grep rspamd_task_write_log /var/log/rspamd/rspamd.log "
+        log = host.guest("sudo grep rspamd_task_write_log /var/log/rspamd/rspamd.log "
                             f"| grep -v 'settings_id: authenticated' | tail -n {last}", info).stdout  # fmt: skip
         dns = [int(n) for n in re.findall(r"dns req: (\d+)", log)]
         times = [float(t) for t in re.findall(r"time: ([0-9.]+)ms", log)]
         return {"scan_ms": percentiles(times), "dns_requests_median": statistics.median(dns) if dns else None}
-    log = control.guest("sudo journalctl -u spamd -o cat --no-pager | grep -E 'clean message|identified spam' "
+    log = host.guest("sudo journalctl -u spamd -o cat --no-pager | grep -E 'clean message|identified spam' "
                         f"| tail -n {last}", info).stdout  # fmt: skip
     times = [float(t) * 1000 for t in re.findall(r" in ([0-9.]+) seconds", log)]
     return {"scan_ms": percentiles(times), "resolution_ms": 100}
@@ -262,7 +263,7 @@ def filter_profile(info: LabInfo, mode: str, last: int) -> dict[str, Any]:
 
 
 def queue_size(info: LabInfo) -> int:
-    out = control.guest("sudo postqueue -j", info).stdout
+    out = host.guest("sudo postqueue -j", info).stdout
     return len([line for line in out.splitlines() if line.strip()])
 
 
@@ -283,7 +284,7 @@ def warm_up(info: LabInfo) -> None:
 def throughput(info: LabInfo, sessions: int, messages: int) -> dict[str, Any]:
     """smtp-source from the remote domain's address into port 25; counted until all visible."""
     before_cpu = probe(info)["cpu_s"]
-    baseline = control.in_netns(WORLD_NS, lambda: _count_now(info))
+    baseline = network.in_netns(WORLD_NS, lambda: _count_now(info))
     started = time.perf_counter()
     sent = subprocess.run(smtp_source_argv(sessions, messages, f"throughput {sessions}"), capture_output=True,
                           text=True, check=False, timeout=600)  # fmt: skip
@@ -297,7 +298,7 @@ def throughput(info: LabInfo, sessions: int, messages: int) -> dict[str, Any]:
                 time.sleep(0.01)
             return now - baseline
 
-    delivered = control.in_netns(WORLD_NS, wait_visible)
+    delivered = network.in_netns(WORLD_NS, wait_visible)
     delivering_s = time.perf_counter() - started
     cpu = probe(info)["cpu_s"] - before_cpu
     return {
@@ -349,7 +350,7 @@ def submission(info: LabInfo, count: int, seed: int = 11) -> dict[str, Any]:
             signed += b"DKIM-Signature:" in raw
         return times, signed
 
-    times, signed = control.in_netns(WORLD_NS, run)
+    times, signed = network.in_netns(WORLD_NS, run)
     return {"relayed_ms": percentiles(times), "dkim_signed": signed, "messages": count}
 
 
@@ -365,7 +366,7 @@ def applied(steps: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
 def convergence(info: LabInfo, switch_to: str | None) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     started = time.perf_counter()
-    seconds, result = applied(control.redeploy())
+    seconds, result = applied(deploy.redeploy())
     figures["no_change"] = {"apply_s": seconds, "all_commands_s": time.perf_counter() - started,
                             "reloaded": result["reloaded"], "changed": result["changed"]}  # fmt: skip
     # One alias more: a line in Postfix's alias map and one in its sender-login map, nothing else.
@@ -373,10 +374,10 @@ def convergence(info: LabInfo, switch_to: str | None) -> dict[str, Any]:
     # upload limit, so nginx is reloaded too, rightly.)
     aliases = [*stack_config(info.stack, info.overrides).get("aliases", []), "bench@example.net: alice@example.net"]
     started = time.perf_counter()
-    seconds, result = applied(control.redeploy({"aliases": aliases}))
+    seconds, result = applied(deploy.redeploy({"aliases": aliases}))
     figures["one_postfix_line"] = {"apply_s": seconds, "all_commands_s": time.perf_counter() - started,
                                    "reloaded": result["reloaded"], "changed": result["changed"]}  # fmt: skip
-    control.redeploy()
+    deploy.redeploy()
     if switch_to:
         figures["spam_filter_switch"] = switch_under_load(info, switch_to)
     return figures
@@ -409,11 +410,11 @@ def switch_under_load(info: LabInfo, switch_to: str) -> dict[str, Any]:
             i += 1
             time.sleep(0.2)
 
-    sender = threading.Thread(target=lambda: control.in_netns(WORLD_NS, load))
+    sender = threading.Thread(target=lambda: network.in_netns(WORLD_NS, load))
     sender.start()
     started = time.perf_counter()
     try:
-        seconds, result = applied(control.redeploy({"spamFilter": switch_to}))
+        seconds, result = applied(deploy.redeploy({"spamFilter": switch_to}))
     finally:
         stop.set()
         sender.join(120)
@@ -421,7 +422,7 @@ def switch_under_load(info: LabInfo, switch_to: str) -> dict[str, Any]:
     accepted = {m for m, code in replies.items() if code == 250}
     deadline = time.monotonic() + 120
     while not accepted <= set(stored_ids(info)) and time.monotonic() < deadline:
-        control.guest("sudo postqueue -f", info)
+        host.guest("sudo postqueue -f", info)
         time.sleep(2)
     stored = stored_ids(info)
     codes: dict[str, int] = {}
@@ -445,26 +446,26 @@ def switch_under_load(info: LabInfo, switch_to: str) -> dict[str, Any]:
 
 def without_milters(info: LabInfo, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """MEASURE with Postfix's milters switched off (no spam filter, no DKIM); main.cf restored."""
-    control.guest("sudo cp -p /etc/postfix/main.cf /run/main.cf.bench", info)
+    host.guest("sudo cp -p /etc/postfix/main.cf /run/main.cf.bench", info)
     try:
-        control.guest("sudo postconf -e 'smtpd_milters =' 'non_smtpd_milters =' && sudo postfix reload", info)
+        host.guest("sudo postconf -e 'smtpd_milters =' 'non_smtpd_milters =' && sudo postfix reload", info)
         return measure()
     finally:
-        control.guest("sudo cp -p /run/main.cf.bench /etc/postfix/main.cf && sudo postfix reload", info)
+        host.guest("sudo cp -p /run/main.cf.bench /etc/postfix/main.cf && sudo postfix reload", info)
 
 
 def settle(info: LabInfo, quick: bool) -> None:
     """Steady state after the load: the per-connection processes (smtpd, cleanup, lmtp; Dovecot's
     lmtp and imap) exit once idle for Postfix's max_idle (100 s) or Dovecot's idle_kill (60 s)."""
-    idle = int(control.guest("/usr/sbin/postconf -h max_idle", info).stdout.strip().rstrip("s") or 100)
+    idle = int(host.guest("/usr/sbin/postconf -h max_idle", info).stdout.strip().rstrip("s") or 100)
     time.sleep(1 if quick else idle + 10)
 
 
 def run_mode(
     mode: str, messages: int, sizes: dict[str, int], switch_to: str | None, quick: bool = False
 ) -> dict[str, Any]:
-    control.down()
-    info = control.up("dev", {"spamFilter": mode, "webmail": True})
+    deploy.down()
+    info = deploy.up("dev", {"spamFilter": mode, "webmail": True})
     try:
         time.sleep(5)  # let the daemons settle after the deploy (rspamd loads its maps lazily)
         figures: dict[str, Any] = {"memory_after_start": memory(probe(info))}
@@ -484,7 +485,7 @@ def run_mode(
         figures["convergence"] = convergence(info, switch_to)
         return summarize(figures)
     finally:
-        control.down()
+        deploy.down()
 
 
 def summarize(figures: dict[str, Any]) -> dict[str, Any]:

@@ -80,20 +80,20 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Any]:
     reason = lab_unavailable()
     if reason:
         pytest.skip(reason)
-    from infra.lab import control
+    from infra.lab import deploy, state
 
     mode = request.param
-    if os.environ.get("MAILROOM_LAB_REUSE") and (control.STATE_DIR / "lab.json").exists():
-        info = control.LabInfo.load()
+    if os.environ.get("MAILROOM_LAB_REUSE") and (state.STATE_DIR / "lab.json").exists():
+        info = state.LabInfo.load()
         if info.overrides.get("spamFilter", "spamassassin") != mode:
             pytest.skip(f"MAILROOM_LAB_REUSE: the running lab is not in {mode} mode")
         yield info
         return
-    control.down()  # a lab left over from an interrupted run
+    deploy.down()  # a lab left over from an interrupted run
     try:
-        yield control.up("dev", {"spamFilter": mode})
+        yield deploy.up("dev", {"spamFilter": mode})
     finally:
-        control.down()
+        deploy.down()
         # A lab that leaks is a broken lab: what `down` missed fails the session.
-        left = control.leftovers()
+        left = deploy.leftovers()
         assert not left, f"lab down left behind: {left}"

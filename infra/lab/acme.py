@@ -15,8 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from infra.lab.netns import call_in
-from infra.lab.pki import IssuedCertificate
+from infra.lab.network import in_netns
+from infra.lab.world.pki import IssuedCertificate
 
 # Not under .test: unbound (the host's resolver) answers NXDOMAIN for that special-use TLD.
 ACME_NAME = "acme.example.com"
@@ -72,5 +72,5 @@ def fetch_root(netns: str, address: str, lab_ca: Path, target: Path, timeout: fl
                     raise
                 time.sleep(0.2)
 
-    target.write_bytes(call_in(netns, get))
+    target.write_bytes(in_netns(netns, get))
     return target

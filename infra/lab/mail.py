@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.core.facts import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT
-from infra.lab.control import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, LabInfo, in_netns
+from infra.lab.network import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, in_netns
+from infra.lab.state import LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4
 
 TIMEOUT = 60

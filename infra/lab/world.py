@@ -1,16 +1,17 @@
 """The outside world, stood in for inside the lab's world namespace.
 
-`python -m infra.lab.world dns ZONEFILE ADDRESS` serves a zone file (the records function's
-output, plus the lab's few outside names) as the authoritative and only DNS of the lab. It
-re-reads the file when it changes, so the lab can publish records later (an ACME DNS-01 TXT).
+`python -m infra.lab.world.servers dns ZONEFILE ADDRESS` serves a zone file (the records
+function's output, plus the lab's few outside names) as the authoritative and only DNS of the
+lab. It re-reads the file when it changes, so the lab can publish records later (an ACME DNS-01
+TXT).
 
-`python -m infra.lab.world ses DIR ADDRESS HOSTNAME USER PASSWORD_FILE` answers as the SES SMTP
-endpoint: STARTTLS with a lab CA certificate, AUTH PLAIN/LOGIN accepting only the one user and
-password, each accepted message written to DIR. Writing `4xx` or `5xx` into DIR/mode makes it
-answer 451 / 554 to recipients; `away` closes its port (connection refused) until the mode
-changes again; stopping the process takes it away for good.
+`python -m infra.lab.world.servers ses DIR ADDRESS HOSTNAME USER PASSWORD_FILE` answers as the
+SES SMTP endpoint: STARTTLS with a lab CA certificate, AUTH PLAIN/LOGIN accepting only the one
+user and password, each accepted message written to DIR. Writing `4xx` or `5xx` into DIR/mode
+makes it answer 451 / 554 to recipients; `away` closes its port (connection refused) until the
+mode changes again; stopping the process takes it away for good.
 
-`python -m infra.lab.world cloudflare DIR ADDRESS ZONE TOKEN_FILE CERT KEY` answers as
+`python -m infra.lab.world.servers cloudflare DIR ADDRESS ZONE TOKEN_FILE CERT KEY` answers as
 api.cloudflare.com for the few calls certbot's dns-cloudflare plugin makes (find the zone; add,
 find and delete a TXT record), over HTTPS with a lab CA certificate, only for the one API token.
 The records it holds are written to DIR/records.zone, which the DNS stand-in serves alongside

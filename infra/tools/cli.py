@@ -208,33 +208,33 @@ def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets
 
 def lab_command(action: str, stack: str, overrides: dict[str, Any]) -> int:
     """The lab: `pulumi up` rehearsed on a local Debian 12 host, real mail through it."""
-    from infra.lab import control
+    from infra.lab import deploy, network, state
 
     if action == "down":
-        control.down()
+        deploy.down()
         print("lab: down (namespaces, mounts and processes removed)")
         return 0
     if action == "status":
-        if not (control.STATE_DIR / "lab.json").exists():
+        if not (state.STATE_DIR / "lab.json").exists():
             print("lab: not running")
             return 1
-        info = control.LabInfo.load()
+        info = state.LabInfo.load()
         print(f"lab: up, stack {info.stack}, host {info.host}")
         return 0
     if action == "up":
         print(f"lab: deploying stack {stack} to a local Debian 12 host, as pulumi up would (cloud calls under mocks)")
-        info = control.up(stack, overrides)
+        info = deploy.up(stack, overrides)
         for step in info.steps:
             print(f"  remote command {step['name']}: exit {step['exit']} in {step['seconds']} s")
     from infra.lab.mail import smoke
 
-    info = control.LabInfo.load()
+    info = state.LabInfo.load()
     for line in smoke(info):
         print(f"  {line}")
     print(
-        f"lab: up. The server is {info.host} in network namespace {control.HOST_NS}; the outside world is "
-        f"namespace {control.WORLD_NS}. Reach it with: ip netns exec {control.WORLD_NS} ssh -i {info.key_file} "
-        f"{info.admin_user}@{info.host}  (mailbox passwords: {control.STATE_DIR / 'lab.json'}). "
+        f"lab: up. The server is {info.host} in network namespace {network.HOST_NS}; the outside world is "
+        f"namespace {network.WORLD_NS}. Reach it with: ip netns exec {network.WORLD_NS} ssh -i {info.key_file} "
+        f"{info.admin_user}@{info.host}  (mailbox passwords: {state.STATE_DIR / 'lab.json'}). "
         "Stop it with: python -m infra lab down"
     )
     return 0

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from infra.lab.control import LabInfo
+from infra.lab.state import LabInfo
 
 # A module's `pytestmark = LAB_MARKS`: marked `lab`, and skipped where no lab host can boot.
 LAB_MARKS = [

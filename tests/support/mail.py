@@ -6,25 +6,25 @@ from __future__ import annotations
 import smtplib
 from pathlib import Path
 
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import network, state
+from infra.lab.network import REMOTE_DOMAIN
 from infra.tools.rehearsal import DROPLET_IPV4
 
 
-def smtp_reply(lab: control.LabInfo, sender: str, recipient: str) -> tuple[int, bytes]:
+def smtp_reply(lab: state.LabInfo, sender: str, recipient: str) -> tuple[int, bytes]:
     """What the host answers on port 25 to RCPT TO:<RECIPIENT> from the remote MX."""
 
     def attempt() -> tuple[int, bytes]:
         with smtplib.SMTP(DROPLET_IPV4, 25, local_hostname=f"mx.{REMOTE_DOMAIN}",
-                          source_address=(control.REMOTE_IP, 0), timeout=60) as smtp:  # fmt: skip
+                          source_address=(network.REMOTE_IP, 0), timeout=60) as smtp:  # fmt: skip
             smtp.ehlo()
             smtp.mail(sender)
             return smtp.rcpt(recipient)
 
-    return control.in_netns(control.WORLD_NS, attempt)
+    return network.in_netns(network.WORLD_NS, attempt)
 
 
-def dkim_dns(lab: control.LabInfo) -> dict[bytes, bytes]:
+def dkim_dns(lab: state.LabInfo) -> dict[bytes, bytes]:
     """TXT answers from the records the lab DNS serves (the program's records for the lab)."""
     zone = Path(lab.zone).read_text()
     answers = {}

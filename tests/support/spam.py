@@ -3,7 +3,7 @@ counters of what its Bayes has learned (SpamAssassin's or rspamd's, by the lab's
 
 from __future__ import annotations
 
-from infra.lab import control
+from infra.lab import host, state
 from tests.support.wait import wait_for
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -19,17 +19,17 @@ def scored_spam(sender: str, recipient: str, tag: str) -> str:
     )
 
 
-def learned(lab: control.LabInfo, kind: str = "spam") -> int:
+def learned(lab: state.LabInfo, kind: str = "spam") -> int:
     """How many messages the filter's Bayes has learned as KIND (spam or ham)."""
     if lab.overrides.get("spamFilter", "spamassassin") == "spamassassin":
-        dump = control.guest("sudo sa-learn --dump magic", lab).stdout
+        dump = host.guest("sudo sa-learn --dump magic", lab).stdout
         return next((int(line.split()[2]) for line in dump.splitlines() if line.endswith(f"n{kind}")), 0)
     # rspamd's Bayes keeps its counters in Redis (`rspamc stat` refreshes them only periodically).
-    count = control.guest(f"redis-cli HGET RS learns_{kind}", lab).stdout.strip()
+    count = host.guest(f"redis-cli HGET RS learns_{kind}", lab).stdout.strip()
     return int(count) if count.isdigit() else 0
 
 
-def wait_for_learning(lab: control.LabInfo, kind: str, before: int) -> int:
+def wait_for_learning(lab: state.LabInfo, kind: str, before: int) -> int:
     """The KIND count once it has grown past BEFORE (within 30 s)."""
     wait_for(lambda: learned(lab, kind) > before, 30, 1, f"the filter learning a message as {kind}")
     return learned(lab, kind)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import http.client
 
-from infra.lab import control
+from infra.lab import network
 from infra.lab.mail import unverified
 from infra.tools.rehearsal import DROPLET_IPV4
 
@@ -18,4 +18,4 @@ def https_get(host: str, path: str) -> tuple[int, str]:
         response = conn.getresponse()
         return response.status, response.read().decode()
 
-    return control.in_netns(control.WORLD_NS, get)
+    return network.in_netns(network.WORLD_NS, get)

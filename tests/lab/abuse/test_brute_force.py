@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import pytest
 
 from infra.core.facts import IMAPS_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT
-from infra.lab import control
-from infra.lab.control import WORLD_NS, LabInfo
+from infra.lab import host, network
 from infra.lab.mail import unverified
+from infra.lab.network import WORLD_NS
+from infra.lab.state import LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4
 
 pytestmark = [pytest.mark.lab, pytest.mark.reliability]
@@ -36,7 +37,7 @@ JAILS = ("sshd", "postfix-sasl", "dovecot")
 CONFIGURED_BANTIME = 3600  # bantime = 1h in cloud_init/files/common/etc/fail2ban/jail.d/mailroom.conf.j2
 ATTEMPTS = 10  # the most failed logins an address gets before it is shut out
 BYSTANDER = "203.0.113.110"
-NEVER_BANNED = {control.WORLD_IPV4, control.REMOTE_IP, control.DNS_IP, control.SES_IP}
+NEVER_BANNED = {network.WORLD_IPV4, network.REMOTE_IP, network.DNS_IP, network.SES_IP}
 TIMEOUT = 60
 # Seconds for fail2ban to read the journal and ban: about one alone, up to a dozen on a busy machine.
 BAN_WAIT = 60
@@ -70,12 +71,12 @@ DOORS = [
 
 def world_address(action: str, address: str) -> None:
     assert address not in NEVER_BANNED
-    subprocess.run(["ip", "-n", WORLD_NS, "addr", action, f"{address}/24", "dev", control.WORLD_LINK],
+    subprocess.run(["ip", "-n", WORLD_NS, "addr", action, f"{address}/24", "dev", network.WORLD_LINK],
                    check=action == "add", capture_output=True, text=True)  # fmt: skip
 
 
 def root(command: str, lab: LabInfo) -> str:
-    result = control.guest(f"sudo {command}", lab)
+    result = host.guest(f"sudo {command}", lab)
     assert result.returncode == 0, f"`{command}` on the lab host: exit {result.returncode}: {result.stderr.strip()}"
     return result.stdout
 
@@ -90,8 +91,8 @@ def addresses(lab: LabInfo) -> Iterator[None]:
         yield
     finally:
         for jail in JAILS:
-            control.guest(f"sudo fail2ban-client set {jail} bantime {CONFIGURED_BANTIME}", lab)
-        control.guest("sudo fail2ban-client unban --all", lab)
+            host.guest(f"sudo fail2ban-client set {jail} bantime {CONFIGURED_BANTIME}", lab)
+        host.guest("sudo fail2ban-client unban --all", lab)
         for address in added:
             world_address("del", address)
 
@@ -149,9 +150,9 @@ def failed_login(door: Door, lab: LabInfo, attempt: int) -> str:
         result = _ssh(lab, door.attacker, f"guess{attempt}", key=False)
         return "refused" if "Permission denied" in result.stderr else f"ssh: {result.stderr.strip()}"
     if door.jail == "dovecot":
-        ok = control.in_netns(WORLD_NS, lambda: _imap_login(door.attacker, "alice@example.net", f"wrong{attempt}"))
+        ok = network.in_netns(WORLD_NS, lambda: _imap_login(door.attacker, "alice@example.net", f"wrong{attempt}"))
         return "accepted" if ok else "refused"
-    code = control.in_netns(WORLD_NS, lambda: _smtp_login(door.port, door.attacker, "alice@example.net", "wrong"))
+    code = network.in_netns(WORLD_NS, lambda: _smtp_login(door.port, door.attacker, "alice@example.net", "wrong"))
     return "refused" if code == 535 else f"AUTH answered {code}"
 
 
@@ -161,8 +162,8 @@ def good_login(door: Door, lab: LabInfo, source: str) -> bool:
         return _ssh(lab, source, lab.admin_user, key=True).returncode == 0
     password = lab.passwords["alice@example.net"]
     if door.jail == "dovecot":
-        return control.in_netns(WORLD_NS, lambda: _imap_login(source, "alice@example.net", password))
-    return control.in_netns(WORLD_NS, lambda: _smtp_login(door.port, source, "alice@example.net", password)) == 235
+        return network.in_netns(WORLD_NS, lambda: _imap_login(source, "alice@example.net", password))
+    return network.in_netns(WORLD_NS, lambda: _smtp_login(door.port, source, "alice@example.net", password)) == 235
 
 
 def greets(door: Door, source: str) -> bool:
@@ -178,7 +179,7 @@ def greets(door: Door, source: str) -> bool:
         except (OSError, ssl.SSLError):
             return False
 
-    return control.in_netns(WORLD_NS, connect)
+    return network.in_netns(WORLD_NS, connect)
 
 
 def until(predicate: Callable[[], bool], seconds: float) -> bool:
@@ -193,10 +194,10 @@ def until(predicate: Callable[[], bool], seconds: float) -> bool:
 
 def jail_state(door: Door, lab: LabInfo) -> str:
     """What fail2ban saw, for a failure message: the jail's counters and the attacker's log lines."""
-    status = control.guest(f"sudo fail2ban-client status {door.jail}", lab).stdout
-    seen = control.guest(f"sudo journalctl --since -5min -o cat | grep -c '{door.attacker}'", lab).stdout.strip()
-    actions = control.guest("sudo tail -n 20 /var/log/fail2ban.log", lab).stdout.strip()
-    rules = control.guest("sudo nft list table inet f2b-table", lab).stdout.strip()
+    status = host.guest(f"sudo fail2ban-client status {door.jail}", lab).stdout
+    seen = host.guest(f"sudo journalctl --since -5min -o cat | grep -c '{door.attacker}'", lab).stdout.strip()
+    actions = host.guest("sudo tail -n 20 /var/log/fail2ban.log", lab).stdout.strip()
+    rules = host.guest("sudo nft list table inet f2b-table", lab).stdout.strip()
     return (
         f"{' '.join(status.split())}; journal lines naming {door.attacker} in the last 5 min: {seen}; "
         f"fail2ban's last lines:\n{actions}\nfail2ban's nftables rules:\n{rules}"

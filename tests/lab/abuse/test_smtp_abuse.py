@@ -28,9 +28,10 @@ from typing import TypeVar
 import pytest
 
 from infra.core.facts import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT
-from infra.lab import control
-from infra.lab.control import REMOTE_IP, WORLD_LINK, WORLD_NS, LabInfo
+from infra.lab import host, network
 from infra.lab.mail import unverified
+from infra.lab.network import REMOTE_IP, WORLD_LINK, WORLD_NS
+from infra.lab.state import LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4
 
 pytestmark = [pytest.mark.lab, pytest.mark.reliability]
@@ -42,7 +43,7 @@ T = TypeVar("T")
 
 def world(fn: Callable[[], T]) -> T:
     """FN with its sockets in the lab's outside world."""
-    return control.in_netns(WORLD_NS, fn)
+    return network.in_netns(WORLD_NS, fn)
 
 
 @dataclass(frozen=True)
@@ -188,13 +189,13 @@ def relayed_recipients(lab: LabInfo) -> list[str]:
 
 def queued_recipients(lab: LabInfo) -> list[str]:
     """Every recipient of every message in the host's Postfix queue (`postqueue -j`)."""
-    result = control.guest("sudo postqueue -j", lab)
+    result = host.guest("sudo postqueue -j", lab)
     assert result.returncode == 0, result.stderr
     return [r["address"].lower() for line in result.stdout.splitlines() for r in json.loads(line)["recipients"]]
 
 
 def postconf(lab: LabInfo, name: str) -> int:
-    result = control.guest(f"/usr/sbin/postconf -h {name}", lab)
+    result = host.guest(f"/usr/sbin/postconf -h {name}", lab)
     assert result.returncode == 0, result.stderr
     return int(result.stdout.strip())
 
@@ -501,7 +502,7 @@ def test_mail_forged_from_another_domain_is_marked_as_failing_spf_and_dmarc(lab:
 
     def talk() -> list[Reply]:
         # The gateway's first connection waits out postscreen's greet test (6 s), then passes.
-        smtp = Smtp(source=control.WORLD_IPV4)
+        smtp = Smtp(source=network.WORLD_IPV4)
         with smtp:
             assert smtp.reply().code == 220
             smtp.command("EHLO mx.example.com")

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from bench import floor, mailstack
-from infra.lab import control
-from infra.lab.control import LabInfo
+from infra.lab import deploy, host
+from infra.lab.state import LabInfo
 
 
 @pytest.mark.lab
@@ -49,17 +49,17 @@ def test_submission_reaches_the_relay_signed(lab: LabInfo) -> None:
 
 @pytest.mark.lab
 def test_no_filter_comparison_restores_main_cf(lab: LabInfo) -> None:
-    before = control.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout
+    before = host.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout
     seen: dict[str, Any] = {}
 
     def measure() -> dict[str, Any]:
-        seen["milters"] = control.guest("/usr/sbin/postconf -h smtpd_milters", lab).stdout.strip()
+        seen["milters"] = host.guest("/usr/sbin/postconf -h smtpd_milters", lab).stdout.strip()
         return mailstack.inbound_latency(lab, 2, seed=3)
 
     figures = mailstack.without_milters(lab, measure)
     assert seen["milters"] == "" and figures["visible_ms"]["n"] == 2
-    assert control.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout == before
-    assert control.guest("/usr/sbin/postconf -h smtpd_milters", lab).stdout.strip() != ""
+    assert host.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout == before
+    assert host.guest("/usr/sbin/postconf -h smtpd_milters", lab).stdout.strip() != ""
 
 
 @pytest.mark.lab
@@ -78,7 +78,7 @@ def test_a_spam_filter_switch_under_load_loses_nothing(lab: LabInfo) -> None:
     try:
         figures = mailstack.switch_under_load(lab, "rspamd")
     finally:
-        control.redeploy()  # back to the session's mode
+        deploy.redeploy()  # back to the session's mode
     assert figures["lost"] == 0 and figures["stored_twice"] == 0
     assert "rspamd" in figures["installed"] and "spamd" in figures["removed_packages"]
     # The new filter answers on its socket before Postfix's new main.cf is in place: mail is

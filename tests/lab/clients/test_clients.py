@@ -16,9 +16,10 @@ from collections.abc import Iterator
 import pytest
 
 from infra.core.facts import IMAPS_PORT
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN, WORLD_NS, LabInfo
+from infra.lab import deploy, host, network
 from infra.lab.mail import find, message, send_inbound, unverified
+from infra.lab.network import REMOTE_DOMAIN, WORLD_NS
+from infra.lab.state import LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4
 
 pytestmark = [pytest.mark.lab]
@@ -75,7 +76,7 @@ def test_a_sieve_rule_uploaded_over_managesieve_files_matching_mail(lab: LabInfo
         sieve.command(b"LOGOUT")
         return before_tls, after_tls
 
-    before_tls, after_tls = control.in_netns(WORLD_NS, upload)
+    before_tls, after_tls = network.in_netns(WORLD_NS, upload)
     # No password is taken before TLS: SASL mechanisms appear only after STARTTLS.
     assert not [c for c in before_tls if c.startswith(b'"SASL" "') and c != b'"SASL" ""']
     assert b'"SASL" "PLAIN LOGIN"' in after_tls or any(c.startswith(b'"SASL" "PLAIN') for c in after_tls)
@@ -88,7 +89,7 @@ def test_a_sieve_rule_uploaded_over_managesieve_files_matching_mail(lab: LabInfo
         assert find(USER, password, other["Message-ID"]) is not None
         assert find(USER, password, filed["Message-ID"], wait=0) is None  # not in INBOX
     finally:
-        control.guest(f"sudo doveadm sieve deactivate -u {USER} && sudo doveadm sieve delete -u {USER} lists", lab)
+        host.guest(f"sudo doveadm sieve deactivate -u {USER} && sudo doveadm sieve delete -u {USER} lists", lab)
 
 
 @pytest.fixture
@@ -96,12 +97,12 @@ def webmail(lab: LabInfo) -> Iterator[LabInfo]:
     """The lab host with the program's webmail setting switched on, and off again afterwards."""
     if lab.overrides.get("spamFilter") == "rspamd":
         pytest.skip("Roundcube does not depend on the spam filter: tested once, in spamassassin mode")
-    steps = control.redeploy({"webmail": True})
+    steps = deploy.redeploy({"webmail": True})
     assert all(s["exit"] == 0 for s in steps)
     try:
         yield lab
     finally:
-        control.redeploy()
+        deploy.redeploy()
 
 
 class Browser:
@@ -153,8 +154,8 @@ def test_a_user_logs_in_to_webmail_and_reads_a_message(webmail: LabInfo) -> None
         shown_status, _, shown = browser.request("GET", f"/?_task=mail&_mbox=INBOX&_uid={message_uid}&_action=show")
         return status, location, shown_status, shown
 
-    message_uid = control.in_netns(WORLD_NS, uid)
-    status, location, shown_status, shown = control.in_netns(WORLD_NS, browse)
+    message_uid = network.in_netns(WORLD_NS, uid)
+    status, location, shown_status, shown = network.in_netns(WORLD_NS, browse)
     assert status == 302 and "_task=mail" in location, f"login refused: {status} {location}"
     assert shown_status == 200
     assert "Seen in Roundcube" in shown and "Hello from the webmail test." in shown

@@ -3,15 +3,15 @@ is read back over IMAPS."""
 
 from __future__ import annotations
 
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import state
 from infra.lab.mail import find, message, send_inbound
+from infra.lab.network import REMOTE_DOMAIN
 from tests.support.lab import LAB_MARKS, alice
 
 pytestmark = LAB_MARKS
 
 
-def test_inbound_mail_reaches_the_inbox_over_imaps(lab: control.LabInfo) -> None:
+def test_inbound_mail_reaches_the_inbox_over_imaps(lab: state.LabInfo) -> None:
     user, password = alice(lab)
     msg = message(f"dana@{REMOTE_DOMAIN}", user, "inbound")
     send_inbound(msg)

@@ -3,15 +3,15 @@ domain is not relayed (554)."""
 
 from __future__ import annotations
 
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import state
+from infra.lab.network import REMOTE_DOMAIN
 from tests.support.lab import LAB_MARKS
 from tests.support.mail import smtp_reply
 
 pytestmark = LAB_MARKS
 
 
-def test_unknown_user_gets_550_and_foreign_domains_are_not_relayed(lab: control.LabInfo) -> None:
+def test_unknown_user_gets_550_and_foreign_domains_are_not_relayed(lab: state.LabInfo) -> None:
     code, text = smtp_reply(lab, f"dana@{REMOTE_DOMAIN}", "nobody@example.net")
     assert code == 550 and b"User unknown" in text
     code, text = smtp_reply(lab, f"dana@{REMOTE_DOMAIN}", "victim@example.org")

@@ -25,9 +25,10 @@ from infra.core.settings import parse_settings
 from infra.core.stack import stack_config
 from infra.core.steps import Step
 from infra.core.user_data import volume_device
-from infra.lab import control, image
-from infra.lab.control import DNS_IP, SES_IP, WORLD_NS, LabInfo, in_netns
+from infra.lab import host, image, state, world
 from infra.lab.mail import starttls_as
+from infra.lab.network import DNS_IP, SES_IP, WORLD_NS, in_netns
+from infra.lab.state import LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6, OfflineRun, run_program
 from tests.support.lab import LAB_MARKS
 
@@ -38,7 +39,7 @@ HOST_NAME = "mail.example.net"  # Pulumi.dev.yaml
 
 def lab_run(lab: LabInfo) -> OfflineRun:
     """The program as this lab ran it: the keys and tokens it generated, as Pulumi's state keeps them."""
-    control.restore_state()
+    state.restore_state()
     return run_program(lab.stack, lab.overrides)
 
 
@@ -48,7 +49,7 @@ def ses_endpoint(lab: LabInfo) -> str:
 
 def ssh_as(lab: LabInfo, user: str, *options: str) -> subprocess.CompletedProcess[str]:
     """A login attempt as USER with the deploy key and OPTIONS."""
-    argv = control.ssh_argv(lab, "true")
+    argv = host.ssh_argv(lab, "true")
     argv[-2:-1] = [*options, f"{user}@{DROPLET_IPV4}"]
     return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
 
@@ -59,19 +60,19 @@ def ssh_as(lab: LabInfo, user: str, *options: str) -> subprocess.CompletedProces
 def test_the_host_booted_from_exactly_the_droplets_user_data(lab: LabInfo) -> None:
     run = lab_run(lab)
     droplet_user_data = run.one("digitalocean:index/droplet:Droplet").inputs["userData"]
-    seen = control.guest("sudo cat /var/lib/cloud/instance/user-data.txt", lab)
+    seen = host.guest("sudo cat /var/lib/cloud/instance/user-data.txt", lab)
     assert seen.returncode == 0, seen.stderr
     assert seen.stdout == droplet_user_data
 
 
 def test_cloud_init_finished_its_whole_user_data(lab: LabInfo) -> None:
-    status = control.guest("cloud-init status --long", lab).stdout
+    status = host.guest("cloud-init status --long", lab).stdout
     assert "status: done" in status, status
-    assert control.guest("test -e /var/lib/mailroom-bootstrapped", lab).returncode == 0
+    assert host.guest("test -e /var/lib/mailroom-bootstrapped", lab).returncode == 0
 
 
 def test_the_admin_user_logs_in_with_the_deploy_key_and_has_sudo(lab: LabInfo) -> None:
-    who = control.guest("id -un; sudo -n true && echo sudo-ok", lab)
+    who = host.guest("id -un; sudo -n true && echo sudo-ok", lab)
     assert who.stdout.split() == [lab.admin_user, "sudo-ok"], who.stderr
 
 
@@ -91,14 +92,14 @@ def test_password_login_is_refused(lab: LabInfo) -> None:
 
 def test_the_volume_is_formatted_and_mounted_at_the_mail_dir(lab: LabInfo) -> None:
     device = volume_device(parse_settings(stack_config(lab.stack, lab.overrides)))
-    found = control.guest(f"findmnt -n -o SOURCE,FSTYPE {MAIL_DIR}", lab)
+    found = host.guest(f"findmnt -n -o SOURCE,FSTYPE {MAIL_DIR}", lab)
     assert found.stdout.split() == [device, "ext4"], found.stdout + found.stderr
-    label = control.guest(f"sudo blkid -o value -s LABEL {device}", lab)
+    label = host.guest(f"sudo blkid -o value -s LABEL {device}", lab)
     assert label.stdout.strip() == "mailroom"
 
 
 def test_postfix_names_itself_after_the_host_not_the_build_machine(lab: LabInfo) -> None:
-    names = control.guest("/usr/sbin/postconf -h myhostname; cat /etc/mailname; hostname -f", lab)
+    names = host.guest("/usr/sbin/postconf -h myhostname; cat /etc/mailname; hostname -f", lab)
     assert names.stdout.split() == [HOST_NAME] * 3
 
 
@@ -112,12 +113,12 @@ def test_remote_commands_run_in_order_with_stdin_and_stop_at_the_first_failure(l
         Step("shell", 'echo "$0" "$USER"; exit 3'),
         Step("never", "touch /tmp/lab-never"),
     ]
-    with pytest.raises(control.LabError, match="remote command shell failed") as failed:
-        control.run_steps(lab, steps)
+    with pytest.raises(state.LabError, match="remote command shell failed") as failed:
+        host.run_steps(lab, steps)
     assert secret not in str(failed.value)
-    assert control.guest("cat /tmp/lab-stdin", lab).stdout == secret + "\n"
-    assert control.guest("test -e /tmp/lab-never", lab).returncode == 1
-    shell = control.run_steps_result(lab, steps[1])
+    assert host.guest("cat /tmp/lab-stdin", lab).stdout == secret + "\n"
+    assert host.guest("test -e /tmp/lab-never", lab).returncode == 1
+    shell = host.run_steps_result(lab, steps[1])
     assert shell.stdout.split() == ["bash", lab.admin_user]  # the user's login shell ran it, as over SSH
 
 
@@ -150,7 +151,7 @@ def test_the_lab_dns_answers_reverse_lookups_for_the_host(lab: LabInfo) -> None:
 
 def test_the_host_resolves_through_its_own_resolver_and_the_lab_dns(lab: LabInfo) -> None:
     endpoint = ses_endpoint(lab)
-    found = control.guest(f"getent ahostsv4 {endpoint}; grep ^nameserver /etc/resolv.conf", lab)
+    found = host.guest(f"getent ahostsv4 {endpoint}; grep ^nameserver /etc/resolv.conf", lab)
     assert found.stdout.split()[0] == SES_IP
     assert "nameserver 127.0.0.1" in found.stdout  # unbound on the host, as on the droplet
 
@@ -163,7 +164,7 @@ def ses_session(lab: LabInfo, action: Callable[[smtplib.SMTP], T]) -> T:
     endpoint = ses_endpoint(lab)
 
     def connect() -> T:
-        context = ssl.create_default_context(cafile=str(control.trusted_roots()["mailroom-lab-ca"]))
+        context = ssl.create_default_context(cafile=str(world.trusted_roots()["mailroom-lab-ca"]))
         with smtplib.SMTP(SES_IP, 587, timeout=10) as smtp:
             starttls_as(smtp, endpoint, context)
             return action(smtp)
@@ -188,7 +189,7 @@ def test_the_ses_stand_in_refuses_auth_before_starttls(lab: LabInfo) -> None:
 
 def test_the_host_trusts_the_lab_ca_for_the_ses_endpoint(lab: LabInfo) -> None:
     endpoint = ses_endpoint(lab)
-    checked = control.guest(
+    checked = host.guest(
         f"openssl s_client -connect {endpoint}:587 -starttls smtp -servername {endpoint} "
         f"-verify_hostname {endpoint} -verify_return_error </dev/null 2>&1",
         lab,
@@ -205,16 +206,16 @@ def test_a_lab_that_fails_half_way_removes_what_it_made() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("MAILROOM_LAB_KEEP", "MAILROOM_LAB_STATE")}
     env["MAILROOM_LAB_NAME"] = "mrfail"
     failing = (
-        "import infra.lab.control as c\n"
-        "def never(*args, **kwargs):\n    raise c.LabError('the host did not answer (on purpose)')\n"
-        "c.wait_for_ssh = never\nc.up('dev')\n"
+        "import infra.lab.deploy as d\nimport infra.lab.state as s\n"
+        "def never(*args, **kwargs):\n    raise s.LabError('the host did not answer (on purpose)')\n"
+        "d.wait_for_ssh = never\nd.up('dev')\n"
     )
     python = [sys.executable, "-c"]
-    subprocess.run([*python, "import infra.lab.control as c; c.down()"], env=env, cwd=PROJECT_DIR, check=True)
+    subprocess.run([*python, "import infra.lab.deploy as d; d.down()"], env=env, cwd=PROJECT_DIR, check=True)
     result = subprocess.run([*python, failing], env=env, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "on purpose" in result.stderr, result.stderr[-2000:]
     left = subprocess.run(
-        [*python, "import infra.lab.control as c; print(*c.leftovers(), sep='\\n')"],
+        [*python, "import infra.lab.deploy as d; print(*d.leftovers(), sep='\\n')"],
         env=env, cwd=PROJECT_DIR, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert left.stdout.strip() == "", f"the failed lab left behind:\n{left.stdout}"

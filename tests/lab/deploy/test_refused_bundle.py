@@ -6,25 +6,25 @@ from __future__ import annotations
 import json
 
 from infra.core.steps import Step
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import host, state
 from infra.lab.mail import find, message, send_inbound
+from infra.lab.network import REMOTE_DOMAIN
 from tests.support.lab import LAB_MARKS, alice
 
 pytestmark = LAB_MARKS
 
 
-def test_a_bundle_failing_its_checks_is_refused_and_the_server_keeps_working(lab: control.LabInfo) -> None:
-    steps = json.loads((control.STATE_DIR / "steps.json").read_text())
+def test_a_bundle_failing_its_checks_is_refused_and_the_server_keeps_working(lab: state.LabInfo) -> None:
+    steps = json.loads((state.STATE_DIR / "steps.json").read_text())
     apply = next(s for s in steps if s["name"] == "server-apply-bundle")
     bundle = json.loads(apply["stdin"])
     main_cf = next(f for f in bundle["files"] if f["path"] == "/etc/postfix/main.cf")
     main_cf["content"] += "this line is not a parameter\n"  # postfix check refuses it
-    before = control.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout
-    result = control.run_steps_result(lab, Step(**{**apply, "stdin": json.dumps(bundle)}))
+    before = host.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout
+    result = host.run_steps_result(lab, Step(**{**apply, "stdin": json.dumps(bundle)}))
     assert result.returncode == 1
     assert "service postfix" in result.stderr and "refused before any was live" in result.stderr
-    assert control.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout == before
+    assert host.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout == before
     user, password = alice(lab)
     msg = message(f"dana@{REMOTE_DOMAIN}", user, "still working")
     send_inbound(msg)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-from infra.lab import control
+from infra.lab import state
 from tests.support.lab import LAB_MARKS
 
 pytestmark = LAB_MARKS
 
 
-def test_every_remote_command_of_the_program_ran(lab: control.LabInfo) -> None:
+def test_every_remote_command_of_the_program_ran(lab: state.LabInfo) -> None:
     assert [s["name"] for s in lab.steps] == [
         "server-wait-for-bootstrap",
         "server-install-apply-script",

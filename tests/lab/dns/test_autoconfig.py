@@ -3,14 +3,14 @@ IMAPS and submission ports."""
 
 from __future__ import annotations
 
-from infra.lab import control
+from infra.lab import state
 from tests.support.lab import LAB_MARKS
 from tests.support.web import https_get
 
 pytestmark = LAB_MARKS
 
 
-def test_autoconfig_names_the_host_and_its_ports(lab: control.LabInfo) -> None:
+def test_autoconfig_names_the_host_and_its_ports(lab: state.LabInfo) -> None:
     import xml.etree.ElementTree as ET
 
     status, body = https_get("autoconfig.example.net", "/mail/config-v1.1.xml")

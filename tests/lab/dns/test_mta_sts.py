@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from infra.core.stack import stack_config
-from infra.lab import control
+from infra.lab import state
 from tests.support.lab import LAB_MARKS
 from tests.support.web import https_get
 
 pytestmark = LAB_MARKS
 
 
-def test_mta_sts_policy_is_served_with_the_id_published_in_dns(lab: control.LabInfo) -> None:
+def test_mta_sts_policy_is_served_with_the_id_published_in_dns(lab: state.LabInfo) -> None:
     from infra.core.dns import mta_sts_id, mta_sts_policy
     from infra.core.settings import parse_settings
 

@@ -7,24 +7,24 @@ import base64
 
 from infra.core.dns import records
 from infra.core.stack import stack_config
-from infra.lab import control
+from infra.lab import network, state
 from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6
 from tests.support.lab import LAB_MARKS
 
 pytestmark = LAB_MARKS
 
 
-def test_the_records_served_are_the_programs(lab: control.LabInfo) -> None:
+def test_the_records_served_are_the_programs(lab: state.LabInfo) -> None:
     import dns.message
     import dns.query
 
     settings_mx = next(r for r in records_for_lab() if r.type == "MX" and r.name == "example.net")
 
     def ask() -> list[str]:
-        reply = dns.query.udp(dns.message.make_query("example.net", "MX"), control.DNS_IP, timeout=5)
+        reply = dns.query.udp(dns.message.make_query("example.net", "MX"), network.DNS_IP, timeout=5)
         return [str(rr.exchange) for rrset in reply.answer for rr in rrset]
 
-    assert control.in_netns(control.WORLD_NS, ask) == [settings_mx.value + "."]
+    assert network.in_netns(network.WORLD_NS, ask) == [settings_mx.value + "."]
 
 
 def records_for_lab() -> list:  # type: ignore[type-arg]

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from infra.core.facts import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS, LabInfo
+from infra.lab import host, network
 from infra.lab.mail import message, unverified
+from infra.lab.network import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS
+from infra.lab.state import LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4
 from tests.support.wait import wait_for
 
@@ -68,7 +69,7 @@ def _send_once(msg: email.message.EmailMessage, port: int, login: tuple[str, str
         return 250
 
     try:
-        return control.in_netns(WORLD_NS, send)
+        return network.in_netns(WORLD_NS, send)
     except (smtplib.SMTPException, OSError) as exc:
         return _reply_code(exc)
 
@@ -128,7 +129,7 @@ def mailbox_ids(user: str, password: str, folders: Iterable[str] = ("INBOX", "Ju
                             found[value.strip()] += 1
         return found
 
-    return control.in_netns(WORLD_NS, count)
+    return network.in_netns(WORLD_NS, count)
 
 
 def relayed_ids(info: LabInfo) -> collections.Counter[str]:
@@ -157,17 +158,17 @@ def relayed_raw(info: LabInfo) -> list[bytes]:
 
 def queue(info: LabInfo) -> list[dict[str, Any]]:
     """The host's mail queue, one dict per message (postqueue -j)."""
-    out = control.guest("sudo postqueue -j", info).stdout
+    out = host.guest("sudo postqueue -j", info).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def flush_queue(info: LabInfo) -> None:
     """What the queue manager does by itself a few minutes later: try every deferred message now."""
-    control.guest("sudo postqueue -f", info)
+    host.guest("sudo postqueue -f", info)
 
 
 def root(info: LabInfo, command: str) -> str:
-    result = control.guest(f"sudo sh -c {shlex.quote(command)}", info)
+    result = host.guest(f"sudo sh -c {shlex.quote(command)}", info)
     if result.returncode != 0:
         raise AssertionError(f"{command!r} on the lab host: exit {result.returncode}: {result.stderr.strip()[-500:]}")
     return result.stdout
@@ -179,10 +180,10 @@ def set_relay(info: LabInfo, mode: str) -> None:
 
     def port_open() -> bool:
         try:
-            with socket.create_connection((control.SES_IP, SUBMISSION_PORT), timeout=1):
+            with socket.create_connection((network.SES_IP, SUBMISSION_PORT), timeout=1):
                 return True
         except OSError:
             return False
 
     # The stand-in reads its mode file every 0.2 s; its port says when it has noticed.
-    wait_for(lambda: control.in_netns(WORLD_NS, port_open) == (mode != "away"), 10, 0.5, f"the relay going {mode}")
+    wait_for(lambda: network.in_netns(WORLD_NS, port_open) == (mode != "away"), 10, 0.5, f"the relay going {mode}")

@@ -20,9 +20,10 @@ from collections.abc import Iterator
 import pytest
 
 from infra.core.facts import SUBMISSION_PORT
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN, LabInfo
+from infra.lab import deploy, host, network
 from infra.lab.mail import message
+from infra.lab.network import REMOTE_DOMAIN
+from infra.lab.state import LabInfo
 from tests.lab.faults.faults import (
     Outcome,
     flush_queue,
@@ -134,8 +135,8 @@ def fetch_all(user: str, password: str) -> list[email.message.Message]:
     import imaplib
 
     from infra.core.facts import IMAPS_PORT
-    from infra.lab.control import WORLD_NS
     from infra.lab.mail import unverified
+    from infra.lab.network import WORLD_NS
     from infra.tools.rehearsal import DROPLET_IPV4
 
     def fetch() -> list[email.message.Message]:
@@ -145,7 +146,7 @@ def fetch_all(user: str, password: str) -> list[email.message.Message]:
             _, data = imap.fetch("1:*", "(BODY.PEEK[])")
             return [email.message_from_bytes(p[1]) for p in data if isinstance(p, tuple)]
 
-    return control.in_netns(WORLD_NS, fetch)
+    return network.in_netns(WORLD_NS, fetch)
 
 
 def test_a_message_offered_again_after_its_delivery_is_stored_once(lab: LabInfo) -> None:
@@ -243,7 +244,7 @@ def test_a_full_mail_volume_defers_mail_and_resumes_when_space_is_freed(lab: Lab
     root(lab, f"fallocate -l {free} {mail_dir}/.filler && chown vmail: {mail_dir}/.filler")
     root(lab, "systemctl start dovecot")
     try:
-        probe = control.guest(f"sudo -u vmail dd if=/dev/zero of={mail_dir}/.probe bs=4k count=4", lab)
+        probe = host.guest(f"sudo -u vmail dd if=/dev/zero of={mail_dir}/.probe bs=4k count=4", lab)
         assert probe.returncode != 0 and "No space left" in probe.stderr, "the volume is not full"
         batch = inbound("volume full", user, 5)
         for outcome, msg in batch:
@@ -288,7 +289,7 @@ def in_delivery(lab: LabInfo, tag: str, count: int) -> list[Outcome]:
 
     def delivering() -> bool:
         active = [m for m in queue(lab) if m["queue_name"] == "active"]
-        lmtp = control.guest("pgrep -u postfix -x lmtp", lab).stdout.split()
+        lmtp = host.guest("pgrep -u postfix -x lmtp", lab).stdout.split()
         return len(active) >= count and bool(lmtp)
 
     wait_for(delivering, 30, 0.5, f"{count} messages in Postfix's active queue, its LMTP client waiting on Dovecot")
@@ -299,8 +300,8 @@ def in_delivery(lab: LabInfo, tag: str, count: int) -> list[Outcome]:
 def thawed(lab: LabInfo) -> Iterator[None]:
     """Whatever a test leaves behind, Dovecot and Postfix run again afterwards."""
     yield
-    control.guest("sudo systemctl kill --signal=SIGCONT dovecot.service", lab)
-    control.guest("sudo systemctl start dovecot.service postfix@-.service", lab)
+    host.guest("sudo systemctl kill --signal=SIGCONT dovecot.service", lab)
+    host.guest("sudo systemctl start dovecot.service postfix@-.service", lab)
 
 
 def test_mail_accepted_before_the_daemons_are_killed_is_delivered_exactly_once(lab: LabInfo, thawed: None) -> None:
@@ -314,9 +315,9 @@ def test_mail_accepted_before_the_daemons_are_killed_is_delivered_exactly_once(l
 def test_mail_accepted_before_a_reboot_is_delivered_exactly_once_after_it(lab: LabInfo, thawed: None) -> None:
     user, _ = alice(lab)
     queued = in_delivery(lab, "before reboot", 4)
-    control.reboot_host(lab)
-    assert control.guest("findmnt -n -o FSTYPE /var/mail/vhosts", lab).stdout.strip() == "ext4"
-    assert control.guest("systemctl is-active postfix dovecot", lab).stdout.split() == ["active", "active"]
+    host.reboot_host(lab)
+    assert host.guest("findmnt -n -o FSTYPE /var/mail/vhosts", lab).stdout.strip() == "ext4"
+    assert host.guest("systemctl is-active postfix dovecot", lab).stdout.split() == ["active", "active"]
     flush_queue(lab)
     after = inbound("after reboot", user, 2)
     for outcome, msg in after:
@@ -328,8 +329,8 @@ def test_a_replaced_host_on_the_same_volume_keeps_every_mailbox_message_and_the_
     import imaplib
 
     from infra.core.facts import IMAPS_PORT
-    from infra.lab.control import WORLD_NS
     from infra.lab.mail import unverified
+    from infra.lab.network import WORLD_NS
     from infra.tools.rehearsal import DROPLET_IPV4
 
     user, password = alice(lab)
@@ -363,18 +364,18 @@ def test_a_replaced_host_on_the_same_volume_keeps_every_mailbox_message_and_the_
                     state[folder] = (status[0].decode().split("UIDVALIDITY")[-1], sorted(uids))
             return state
 
-        return control.in_netns(WORLD_NS, look)
+        return network.in_netns(WORLD_NS, look)
 
     time.sleep(2)  # the last LMTP deliveries
     before = {who[0]: mailbox_state(who) for who in ((user, password), bob)}
     assert all(state["INBOX"][1] for state in before.values())
     assert all({"INBOX", "Junk", "Sent", "Drafts", "Trash", "Archive"} <= set(state) for state in before.values())
     key_before = root(lab, DKIM_KEYS)
-    old_boot = control.guest("cat /proc/sys/kernel/random/boot_id; cat /etc/machine-id", lab).stdout
+    old_boot = host.guest("cat /proc/sys/kernel/random/boot_id; cat /etc/machine-id", lab).stdout
 
-    steps = control.replace_host()
+    steps = deploy.replace_host()
 
-    assert control.guest("cat /proc/sys/kernel/random/boot_id; cat /etc/machine-id", lab).stdout != old_boot
+    assert host.guest("cat /proc/sys/kernel/random/boot_id; cat /etc/machine-id", lab).stdout != old_boot
     assert [s["exit"] for s in steps] == [0] * len(steps)
     after = {who[0]: mailbox_state(who) for who in ((user, password), bob)}
     assert after == before, "mailboxes, UIDs or UIDVALIDITY changed with the host"

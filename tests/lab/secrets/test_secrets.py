@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from infra.lab import control
-from infra.lab.control import LabInfo
+from infra.lab import deploy, state
+from infra.lab.host import guest, ssh_argv
+from infra.lab.state import LabInfo
 
 pytestmark = [pytest.mark.lab, pytest.mark.reliability]
 
@@ -69,8 +70,8 @@ def lab_secrets(lab: LabInfo) -> list[Secret]:
     for line in lab.overrides.get("passwordHashes", []):
         address, _, scheme_hash = line.partition(" ")
         found.append(Secret(f"the password hash of {address}", (scheme_hash.rpartition("}")[2],)))
-    found.append(Secret("the SES SMTP password", ((control.STATE_DIR / "ses-password").read_text().strip(),)))
-    for kind, name, values in json.loads((control.STATE_DIR / "pulumi-state.json").read_text()):
+    found.append(Secret("the SES SMTP password", ((state.STATE_DIR / "ses-password").read_text().strip(),)))
+    for kind, name, values in json.loads((state.STATE_DIR / "pulumi-state.json").read_text()):
         if "privateKeyPem" in values:
             found.append(Secret(f"the private key of {name.split('/')[0]}", _key_markers(values)))
         for key, what in (("value", "token"), ("secret", "secret access key"), ("result", "random password")):
@@ -87,7 +88,7 @@ def leaks(secrets: list[Secret], text: str | bytes) -> list[str]:
 
 def host(lab: LabInfo, command: str, stdin: bytes = b"") -> bytes:
     """A command on the host (bytes out: logs and files are not all UTF-8)."""
-    result = subprocess.run(control.ssh_argv(lab, command), input=stdin, capture_output=True, check=False,
+    result = subprocess.run(ssh_argv(lab, command), input=stdin, capture_output=True, check=False,
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, f"`{command[:80]}` on the lab host: exit {result.returncode}"
     return result.stdout
@@ -126,21 +127,21 @@ class Redeploy:
 @pytest.fixture(scope="module")
 def redeploy(lab: LabInfo) -> Iterator[Redeploy]:
     """A changed setting deployed and then undone, with `ps` sampled on the host all along."""
-    control.guest(f"sudo rm -f {STOP}", lab)
+    guest(f"sudo rm -f {STOP}", lab)
     sampler = (
         f"n=0; while [ ! -e {STOP} ] && [ $n -lt {MAX_SAMPLES} ]; do n=$((n+1)); ps -eww -o args; done; "
         "echo mailroom-samples=$n"
     )
-    process = subprocess.Popen(control.ssh_argv(lab, f"sudo sh -c {shlex.quote(sampler)} | sort -u"),
+    process = subprocess.Popen(ssh_argv(lab, f"sudo sh -c {shlex.quote(sampler)} | sort -u"),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     results: list[dict[str, Any]] = []
     try:
-        results += control.redeploy(CHANGE)
-        results += control.redeploy()
+        results += deploy.redeploy(CHANGE)
+        results += deploy.redeploy()
     finally:
-        control.guest(f"sudo touch {STOP}", lab)
+        guest(f"sudo touch {STOP}", lab)
         out, _ = process.communicate(timeout=120)
-        control.guest(f"sudo rm -f {STOP}", lab)
+        guest(f"sudo rm -f {STOP}", lab)
     samples = int(next(line for line in out.splitlines() if line.startswith("mailroom-samples=")).partition("=")[2])
     yield Redeploy(out, samples, results)
 
@@ -163,7 +164,7 @@ def test_the_secrets_looked_for_are_the_ones_the_host_uses(lab: LabInfo, secrets
 
 
 def test_no_secret_in_the_user_data(secrets: list[Secret]) -> None:
-    user_data = (control.STATE_DIR / "user-data").read_text()
+    user_data = (state.STATE_DIR / "user-data").read_text()
     found = leaks(secrets, user_data)
     assert user_data.startswith("#cloud-config"), "the lab's user-data is not the droplet's cloud-config"
     assert not found, f"in the droplet's user-data: {found}"
@@ -175,7 +176,7 @@ def test_no_secret_on_a_command_line_during_a_redeploy(redeploy: Redeploy, secre
     assert saw_apply, "ps never saw the apply script run"
     found = leaks(secrets, redeploy.command_lines)
     assert not found, f"on a command line on the host (ps -eo args): {found}"
-    steps = json.loads((control.STATE_DIR / "steps.json").read_text())
+    steps = json.loads((state.STATE_DIR / "steps.json").read_text())
     found = leaks(secrets, "\n".join(s["create"] for s in steps))
     assert not found, f"in a remote command's command line (ssh's argument on the deploying machine): {found}"
 

@@ -8,9 +8,9 @@ import smtplib
 
 import pytest
 
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import network, state
 from infra.lab.mail import find, message, send_inbound
+from infra.lab.network import REMOTE_DOMAIN
 from infra.tools.rehearsal import DROPLET_IPV4
 from tests.support.lab import LAB_MARKS, alice
 from tests.support.spam import GTUBE, scored_spam
@@ -19,7 +19,7 @@ from tests.support.wait import wait_for
 pytestmark = LAB_MARKS
 
 
-def test_spam_goes_to_junk(lab: control.LabInfo) -> None:
+def test_spam_goes_to_junk(lab: state.LabInfo) -> None:
     if lab.overrides.get("spamFilter", "spamassassin") == "rspamd":
         pytest.skip(
             "rspamd refuses GTUBE outright (test_reject.py); its add-header range is tested with a scored message"
@@ -31,7 +31,7 @@ def test_spam_goes_to_junk(lab: control.LabInfo) -> None:
     assert find(user, password, msg["Message-ID"], folder="INBOX", wait=0) is None
 
 
-def test_rspamd_files_mail_it_scores_as_spam_into_junk(lab: control.LabInfo) -> None:
+def test_rspamd_files_mail_it_scores_as_spam_into_junk(lab: state.LabInfo) -> None:
     """Between rspamd's add-header (6) and reject (15) scores: marked, delivered, filed into
     Junk by the global Sieve rule. rspamd's non-reject GTUBE patterns are off in production
     builds, so the message earns its score as spam does (rspamd 3.4, Debian 12: all-caps
@@ -49,7 +49,7 @@ def test_rspamd_files_mail_it_scores_as_spam_into_junk(lab: control.LabInfo) -> 
 
     def send() -> None:
         with smtplib.SMTP(DROPLET_IPV4, 25, local_hostname=f"mx.{REMOTE_DOMAIN}",
-                          source_address=(control.REMOTE_IP, 0), timeout=60) as smtp:  # fmt: skip
+                          source_address=(network.REMOTE_IP, 0), timeout=60) as smtp:  # fmt: skip
             smtp.starttls(context=unverified())
             smtp.sendmail(f"dana@{REMOTE_DOMAIN}", [user], raw.encode())
 
@@ -68,8 +68,8 @@ def test_rspamd_files_mail_it_scores_as_spam_into_junk(lab: control.LabInfo) -> 
 
             return wait_for(look, 60, 0.5, "the message delivered, to Junk or INBOX")
 
-    control.in_netns(control.WORLD_NS, send)
-    where = control.in_netns(control.WORLD_NS, filed)
+    network.in_netns(network.WORLD_NS, send)
+    where = network.in_netns(network.WORLD_NS, filed)
     assert where is not None, "the message was not delivered"
     folder, headers = where
     assert "X-Rspamd-Action: add header" in headers and "X-Spam: Yes" in headers, headers

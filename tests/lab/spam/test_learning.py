@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import uuid
 
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import network, state
 from infra.lab.mail import find, message, send_inbound
+from infra.lab.network import REMOTE_DOMAIN
 from infra.tools.rehearsal import DROPLET_IPV4
 from tests.support.lab import LAB_MARKS, alice
 from tests.support.spam import learned, wait_for_learning
@@ -15,7 +15,7 @@ from tests.support.spam import learned, wait_for_learning
 pytestmark = LAB_MARKS
 
 
-def test_moving_mail_into_junk_teaches_the_filter(lab: control.LabInfo) -> None:
+def test_moving_mail_into_junk_teaches_the_filter(lab: state.LabInfo) -> None:
     import imaplib
 
     from infra.lab.mail import unverified
@@ -35,11 +35,11 @@ def test_moving_mail_into_junk_teaches_the_filter(lab: control.LabInfo) -> None:
             _, found = imap.search(None, "HEADER", "Message-ID", msg["Message-ID"])
             assert imap.copy(found[0].split()[-1], "Junk")[0] == "OK"
 
-    control.in_netns(control.WORLD_NS, move)
+    network.in_netns(network.WORLD_NS, move)
     assert wait_for_learning(lab, "spam", before) == before + 1
 
 
-def test_moving_mail_out_of_junk_teaches_the_filter_it_is_ham(lab: control.LabInfo) -> None:
+def test_moving_mail_out_of_junk_teaches_the_filter_it_is_ham(lab: state.LabInfo) -> None:
     """A message the filter wrongly put in Junk (here saved there by the user's client), moved
     back to INBOX: IMAPSieve hands it to the filter as ham."""
     import imaplib
@@ -60,5 +60,5 @@ def test_moving_mail_out_of_junk_teaches_the_filter_it_is_ham(lab: control.LabIn
             _, found = imap.search(None, "HEADER", "Message-ID", msg["Message-ID"])
             assert imap.copy(found[0].split()[-1], "INBOX")[0] == "OK"
 
-    control.in_netns(control.WORLD_NS, rescue)
+    network.in_netns(network.WORLD_NS, rescue)
     assert wait_for_learning(lab, "ham", before) == before + 1

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import smtplib
 
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import network, state
 from infra.lab.mail import relayed
+from infra.lab.network import REMOTE_DOMAIN
 from infra.tools.rehearsal import DROPLET_IPV4
 from tests.support.lab import LAB_MARKS, alice
 from tests.support.spam import scored_spam
@@ -15,7 +15,7 @@ from tests.support.spam import scored_spam
 pytestmark = LAB_MARKS
 
 
-def test_mail_from_a_logged_in_user_is_relayed_unscanned(lab: control.LabInfo) -> None:
+def test_mail_from_a_logged_in_user_is_relayed_unscanned(lab: state.LabInfo) -> None:
     """Outbound mail is signed, not filtered: a message that would be marked as spam if it came
     in from outside (and more so from an address without reverse DNS, as here) reaches the
     relay with no spam verdict. (rspamd refuses GTUBE itself from anyone: it is checked before
@@ -34,7 +34,7 @@ def test_mail_from_a_logged_in_user_is_relayed_unscanned(lab: control.LabInfo) -
             smtp.login(user, password)
             smtp.sendmail(user, [f"dana@{REMOTE_DOMAIN}"], scored_spam(user, f"dana@{REMOTE_DOMAIN}", tag).encode())
 
-    control.in_netns(control.WORLD_NS, send)
+    network.in_netns(network.WORLD_NS, send)
     accepted = relayed(lab, tag)
     assert accepted is not None, "the SES stand-in received nothing"
     headers = accepted.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].lower()

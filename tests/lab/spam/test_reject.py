@@ -7,16 +7,16 @@ import smtplib
 
 import pytest
 
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import state
 from infra.lab.mail import message, send_inbound
+from infra.lab.network import REMOTE_DOMAIN
 from tests.support.lab import LAB_MARKS, alice
 from tests.support.spam import GTUBE
 
 pytestmark = LAB_MARKS
 
 
-def test_rspamd_refuses_the_reject_gtube_with_a_5xx(lab: control.LabInfo) -> None:
+def test_rspamd_refuses_the_reject_gtube_with_a_5xx(lab: state.LabInfo) -> None:
     if lab.overrides.get("spamFilter", "spamassassin") != "rspamd":
         pytest.skip("SpamAssassin marks GTUBE as spam (Junk) rather than refusing it")
     user, _ = alice(lab)

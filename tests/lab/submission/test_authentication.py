@@ -7,26 +7,26 @@ import smtplib
 
 import pytest
 
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import network, state
 from infra.lab.mail import message, submit
+from infra.lab.network import REMOTE_DOMAIN
 from infra.tools.rehearsal import DROPLET_IPV4
 from tests.support.lab import LAB_MARKS, alice
 
 pytestmark = LAB_MARKS
 
 
-def test_wrong_password_gets_535(lab: control.LabInfo) -> None:
+def test_wrong_password_gets_535(lab: state.LabInfo) -> None:
     user, _ = alice(lab)
     with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
         submit(message(user, f"dana@{REMOTE_DOMAIN}", "x"), user, "not-the-password")
     assert refused.value.smtp_code == 535
 
 
-def test_auth_is_not_offered_before_tls(lab: control.LabInfo) -> None:
+def test_auth_is_not_offered_before_tls(lab: state.LabInfo) -> None:
     def plain() -> bool:
         with smtplib.SMTP(DROPLET_IPV4, 587, timeout=60) as smtp:
             smtp.ehlo()
             return smtp.has_extn("auth")
 
-    assert control.in_netns(control.WORLD_NS, plain) is False
+    assert network.in_netns(network.WORLD_NS, plain) is False

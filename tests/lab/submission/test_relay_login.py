@@ -3,15 +3,15 @@ it (the IAM user's access key)."""
 
 from __future__ import annotations
 
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import state
 from infra.lab.mail import message, relayed, submit
+from infra.lab.network import REMOTE_DOMAIN
 from tests.support.lab import LAB_MARKS, alice
 
 pytestmark = LAB_MARKS
 
 
-def test_relay_login_is_the_programs_smtp_credentials(lab: control.LabInfo) -> None:
+def test_relay_login_is_the_programs_smtp_credentials(lab: state.LabInfo) -> None:
     user, password = alice(lab)
     msg = message(user, f"dana@{REMOTE_DOMAIN}", "who logged in")
     submit(msg, user, password)

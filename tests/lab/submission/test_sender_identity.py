@@ -7,15 +7,15 @@ import smtplib
 
 import pytest
 
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import state
 from infra.lab.mail import message, submit
+from infra.lab.network import REMOTE_DOMAIN
 from tests.support.lab import LAB_MARKS, alice
 
 pytestmark = LAB_MARKS
 
 
-def test_sending_as_another_user_is_refused(lab: control.LabInfo) -> None:
+def test_sending_as_another_user_is_refused(lab: state.LabInfo) -> None:
     user, password = alice(lab)
     with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
         submit(message("bob@example.net", f"dana@{REMOTE_DOMAIN}", "spoof"), user, password)

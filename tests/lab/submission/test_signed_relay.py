@@ -8,9 +8,9 @@ import dkim
 import pytest
 
 from infra.core.facts import SUBMISSIONS_PORT
-from infra.lab import control
-from infra.lab.control import REMOTE_DOMAIN
+from infra.lab import state
 from infra.lab.mail import message, relayed, submit
+from infra.lab.network import REMOTE_DOMAIN
 from tests.support.lab import LAB_MARKS, alice
 from tests.support.mail import dkim_dns
 
@@ -18,7 +18,7 @@ pytestmark = LAB_MARKS
 
 
 @pytest.mark.parametrize("port", [587, SUBMISSIONS_PORT])
-def test_submission_reaches_the_relay_dkim_signed(lab: control.LabInfo, port: int) -> None:
+def test_submission_reaches_the_relay_dkim_signed(lab: state.LabInfo, port: int) -> None:
     user, password = alice(lab)
     msg = message(user, f"dana@{REMOTE_DOMAIN}", f"outbound on {port}")
     submit(msg, user, password, port)

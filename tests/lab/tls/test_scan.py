@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from infra.core.facts import PROJECT_DIR
-from infra.lab import control
-from infra.lab.control import WORLD_NS, LabInfo
+from infra.lab import world
+from infra.lab.network import WORLD_NS
+from infra.lab.state import LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4
 
 pytestmark = [pytest.mark.lab, pytest.mark.reliability]
@@ -44,7 +45,7 @@ def scan_argv(port: int, jsonfile: Path) -> list[str]:
         # The world namespace has no resolver for testssl: the address is given, no lookups made.
         "--nodns", "min", "--ip", DROPLET_IPV4, "--connect-timeout", "10", "--openssl-timeout", "10",
         # Pebble's root stands in for Let's Encrypt's, which testssl's own trust stores carry.
-        "--add-ca", str(control.trusted_roots()["mailroom-lab-acme-root"]),
+        "--add-ca", str(world.trusted_roots()["mailroom-lab-acme-root"]),
         "-p", "-s", "-4", "-S", *starttls, "--jsonfile", str(jsonfile), f"{name}:{port}",
     ]  # fmt: skip
 
