@@ -72,7 +72,7 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,18 +401,10 @@ def owners(plan: Plan, root: Path) -> tuple[dict[str, tuple[int, int]], dict[str
     users, groups = account_ids(root, "passwd"), account_ids(root, "group")
 
     def uid(name: str) -> int | None:
-        if users is not None:
-            return users.get(name)
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(name).pw_uid
-        return None
+        return account_id(users, name, lambda n: pwd.getpwnam(n).pw_uid)
 
     def gid(name: str) -> int | None:
-        if groups is not None:
-            return groups.get(name)
-        with contextlib.suppress(KeyError):
-            return grp.getgrnam(name).gr_gid
-        return None
+        return account_id(groups, name, lambda n: grp.getgrnam(n).gr_gid)
 
     ids: dict[str, tuple[int, int]] = {}
     unknown: dict[str, str] = {}
@@ -425,6 +417,15 @@ def owners(plan: Plan, root: Path) -> tuple[dict[str, tuple[int, int]], dict[str
         else:
             ids[f.path] = (u, g)
     return ids, unknown
+
+
+def account_id(table: dict[str, int] | None, name: str, system: Callable[[str], int]) -> int | None:
+    """NAME's id in TABLE, or (no table) in this host's own accounts; None when there is none."""
+    if table is not None:
+        return table.get(name)
+    with contextlib.suppress(KeyError):
+        return system(name)
+    return None
 
 
 def account_ids(root: Path, database: str) -> dict[str, int] | None:
@@ -583,7 +584,7 @@ def check_staged(
     pid = os.fork()
     if pid == 0:  # the child: it never returns
         os.close(reader)
-        answer = checks_in_namespace(plan, root, ids, before, targets, stage_dir, runs, env)
+        answer = checks_in_namespace(Staging(plan, root, ids, before, targets, stage_dir), runs, env)
         with contextlib.suppress(BaseException), os.fdopen(writer, "w") as stream:
             json.dump(answer, stream)
         os._exit(0)
@@ -603,23 +604,26 @@ def check_staged(
         raise ApplyError(refused(Refusal(**answer["refusal"]), plan, sorted(before)))
 
 
-def checks_in_namespace(
-    plan: Plan,
-    root: Path,
-    ids: dict[str, tuple[int, int]],
-    before: dict[str, OnDisk],
-    targets: list[Path],
-    stage_dir: Path,
-    runs: list[Daemon],
-    env: dict[str, str],
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Staging:
+    """What the checks' namespace shows: the plan's files, over the live ones below the targets."""
+
+    plan: Plan
+    root: Path
+    ids: dict[str, tuple[int, int]]  # each file's owner and group ids
+    before: dict[str, OnDisk]  # the live files the plan changes or removes
+    targets: list[Path]  # the directories covered with an overlay
+    stage_dir: Path  # where the overlays' layers live (a tmpfs)
+
+
+def checks_in_namespace(staging: Staging, runs: list[Daemon], env: dict[str, str]) -> dict[str, Any]:
     """The child's work, as its answer to the parent: {} when every command passed, else its
     "refusal" or the "error" that kept it from checking (every failure must reach the parent)."""
     try:
         _libc_call("unshare", ctypes.c_int(CLONE_NEWNS))
         # Private: no mount made here reaches the host's namespace (systemd makes / shared).
         _mount("none", Path("/"), None, MS_REC | MS_PRIVATE, None)
-        stage(plan, root, ids, before, targets, stage_dir)
+        stage(staging)
         for daemon in runs:
             for command in (*daemon.prepare, *daemon.check):
                 status, output = shell(command, env)
@@ -657,19 +661,13 @@ def _nearest_directory(path: Path, root: Path) -> Path:
     return path
 
 
-def stage(
-    plan: Plan,
-    root: Path,
-    ids: dict[str, tuple[int, int]],
-    before: dict[str, OnDisk],
-    targets: list[Path],
-    stage_dir: Path,
-) -> None:
+def stage(staging: Staging) -> None:
     """In this (private) namespace: a tmpfs on stage_dir and, over each target, an overlay whose
     upper layer holds the changed files below it, and a whiteout for each file leaving the bundle."""
+    root, before, ids, stage_dir = staging.root, staging.before, staging.ids, staging.stage_dir
     _mount("tmpfs", stage_dir, "tmpfs", 0, "mode=0700")
-    files = {f.path: f for f in plan.files}
-    for index, target in enumerate(targets):
+    files = {f.path: f for f in staging.plan.files}
+    for index, target in enumerate(staging.targets):
         upper, work = stage_dir / str(index) / "upper", stage_dir / str(index) / "work"
         upper.mkdir(parents=True)
         work.mkdir()

@@ -51,6 +51,21 @@ def run(*argv: str, cwd: Path | None = None, stdin: str | None = None) -> subpro
     return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120, cwd=cwd, input=stdin)
 
 
+def accepted(*argv: str) -> subprocess.CompletedProcess[str]:
+    """ARGV run, and asserted to exit 0 (the failure message: all it printed)."""
+    result = run(*argv)
+    assert result.returncode == 0, f"{' '.join(argv[:2])}... exit {result.returncode}:\n{result.stdout}{result.stderr}"
+    return result
+
+
+def over_debians(root: Path, name: str, tmp_path: Path) -> Path:
+    """A copy of Debian's /etc/NAME with the rendered files laid over it, as the server has it."""
+    merged = tmp_path / name
+    shutil.copytree(Path("/etc") / name, merged)
+    shutil.copytree(root / "etc" / name, merged, dirs_exist_ok=True)
+    return merged
+
+
 def materialize(bundle: Bundle, root: Path) -> Path:
     """Write the bundle under ROOT, with a self-signed certificate as the server makes one."""
     pattern = re.compile("|".join(re.escape(p) for p in MOVED))
@@ -94,8 +109,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
 
 
 def postconf(root: Path) -> dict[str, str]:
-    result = run("postconf", "-c", str(root / "etc/postfix"), "-n")
-    assert result.returncode == 0, result.stderr
+    result = accepted("postconf", "-c", str(root / "etc/postfix"), "-n")
     return dict(line.split(" = ", 1) for line in result.stdout.splitlines())
 
 
@@ -134,8 +148,7 @@ def test_submission_ports_require_tls_12_and_authentication(
     rendered: Rendered, spam: str, relay: str, webmail: bool
 ) -> None:
     _, _, root = rendered[(spam, relay, webmail)]
-    result = run("postconf", "-c", str(root / "etc/postfix"), "-P")
-    assert result.returncode == 0, result.stderr
+    result = accepted("postconf", "-c", str(root / "etc/postfix"), "-P")
     services = {}
     for line in result.stdout.splitlines():
         key, _, value = line.partition(" = ")
@@ -169,8 +182,7 @@ def test_sender_logins_let_users_send_as_their_aliases_only() -> None:
 @pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
 def test_dovecot_accepts_the_configuration(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
     settings, _, root = rendered[(spam, relay, webmail)]
-    result = run("doveconf", "-c", str(root / "etc/dovecot/dovecot.conf"), "-n")
-    assert result.returncode == 0, result.stderr
+    result = accepted("doveconf", "-c", str(root / "etc/dovecot/dovecot.conf"), "-n")
     conf = result.stdout
     assert "ssl = required" in conf
     minimum = run("doveconf", "-c", str(root / "etc/dovecot/dovecot.conf"), "-h", "ssl_min_protocol")
@@ -204,8 +216,7 @@ def test_sieve_scripts_compile(rendered: Rendered, spam: str, relay: str, webmai
 @pytest.mark.parametrize(("spam", "relay", "webmail"), SPAMASSASSIN)
 def test_opendkim_accepts_its_configuration_and_key(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
     _, bundle, root = rendered[(spam, relay, webmail)]
-    result = run("opendkim", "-n", "-x", str(root / "etc/opendkim.conf"))
-    assert result.returncode == 0, result.stderr + result.stdout
+    accepted("opendkim", "-n", "-x", str(root / "etc/opendkim.conf"))
     key = bundle.file("/etc/opendkim/keys/mail.private")
     assert (key.mode, key.owner, key.secret) == (0o600, "opendkim", True)
 
@@ -216,11 +227,8 @@ def test_opendkim_accepts_its_configuration_and_key(rendered: Rendered, spam: st
 def test_spamassassin_lints_clean(rendered: Rendered, tmp_path: Path, spam: str, relay: str, webmail: bool) -> None:
     _, _, root = rendered[(spam, relay, webmail)]
     # SpamAssassin reads its whole site directory: Debian's plugin loaders plus our local.cf.
-    siteconfig = tmp_path / "spamassassin"
-    shutil.copytree("/etc/spamassassin", siteconfig)
-    shutil.copytree(root / "etc/spamassassin", siteconfig, dirs_exist_ok=True)
-    result = run("spamassassin", "-L", "--lint", f"--siteconfigpath={siteconfig}")
-    assert result.returncode == 0, result.stderr
+    siteconfig = over_debians(root, "spamassassin", tmp_path)
+    accepted("spamassassin", "-L", "--lint", f"--siteconfigpath={siteconfig}")
     spamd = (root / "etc/default/spamd").read_text()
     assert "--max-children 2" in spamd and "--allow-tell" in spamd and "--listen 127.0.0.1" in spamd
 
@@ -232,9 +240,7 @@ def test_rspamd_accepts_its_configuration(
     rendered: Rendered, tmp_path: Path, spam: str, relay: str, webmail: bool
 ) -> None:
     _, bundle, root = rendered[(spam, relay, webmail)]
-    confdir = tmp_path / "rspamd"
-    shutil.copytree("/etc/rspamd", confdir)
-    shutil.copytree(root / "etc/rspamd", confdir, dirs_exist_ok=True)
+    confdir = over_debians(root, "rspamd", tmp_path)
     result = run(
         "rspamadm",
         f"--var=CONFDIR={confdir}",
@@ -266,8 +272,7 @@ def test_nginx_accepts_the_sites(rendered: Rendered, spam: str, relay: str, webm
         f"pid {root}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
         f"http {{\n  access_log off;\n  include {nginx}/sites-enabled/*.conf;\n}}\n"
     )
-    result = run("nginx", "-t", "-c", str(nginx / "nginx.conf"), "-p", str(root), "-e", "stderr")
-    assert result.returncode == 0, result.stderr
+    accepted("nginx", "-t", "-c", str(nginx / "nginx.conf"), "-p", str(root), "-e", "stderr")
     sites = (nginx / "sites-enabled/mailroom.conf").read_text()
     assert "server_name mta-sts.example.net;" in sites and "ssl_protocols TLSv1.2 TLSv1.3;" in sites
     assert (nginx / "sites-enabled/mailroom-webmail.conf").exists() is webmail
@@ -302,8 +307,7 @@ def test_unbound_accepts_the_resolver(rendered: Rendered, spam: str, relay: str,
     _, _, root = rendered[(spam, relay, webmail)]
     wrapper = root / "unbound.conf"
     wrapper.write_text(f"include: {root}/etc/unbound/unbound.conf.d/mailroom.conf\n")
-    result = run("unbound-checkconf", str(wrapper))
-    assert result.returncode == 0, result.stdout + result.stderr
+    accepted("unbound-checkconf", str(wrapper))
 
 
 @pytest.mark.daemons
@@ -311,11 +315,8 @@ def test_unbound_accepts_the_resolver(rendered: Rendered, spam: str, relay: str,
 @pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
 def test_fail2ban_accepts_the_jails(rendered: Rendered, tmp_path: Path, spam: str, relay: str, webmail: bool) -> None:
     _, _, root = rendered[(spam, relay, webmail)]
-    confdir = tmp_path / "fail2ban"
-    shutil.copytree("/etc/fail2ban", confdir)
-    shutil.copytree(root / "etc/fail2ban", confdir, dirs_exist_ok=True)
-    result = run("fail2ban-client", "-c", str(confdir), "-d")
-    assert result.returncode == 0, result.stderr
+    confdir = over_debians(root, "fail2ban", tmp_path)
+    result = accepted("fail2ban-client", "-c", str(confdir), "-d")
     for jail in ("sshd", "postfix-sasl", "dovecot"):
         assert f"['add', '{jail}', 'systemd']" in result.stdout, jail
     # Debian and Ubuntu log Postfix's daemons under postfix@-.service: the jail must read those.
@@ -329,8 +330,7 @@ def test_every_shell_script_passes_shellcheck(rendered: Rendered, spam: str, rel
     _, bundle, root = rendered[(spam, relay, webmail)]
     scripts = [root / f.path.lstrip("/") for f in bundle.files if f.content.startswith("#!/bin/sh")]
     assert len(scripts) >= 4
-    result = run("shellcheck", "--shell=sh", *map(str, scripts))
-    assert result.returncode == 0, result.stdout
+    accepted("shellcheck", "--shell=sh", *map(str, scripts))
 
 
 @pytest.mark.daemons
@@ -338,8 +338,7 @@ def test_every_shell_script_passes_shellcheck(rendered: Rendered, spam: str, rel
 @pytest.mark.parametrize(("spam", "relay", "webmail"), WEBMAIL)
 def test_roundcube_configuration_is_valid_php(rendered: Rendered, spam: str, relay: str, webmail: bool) -> None:
     _, _, root = rendered[(spam, relay, webmail)]
-    result = run("php", "-l", str(root / "etc/roundcube/config.inc.php"))
-    assert result.returncode == 0, result.stdout
+    accepted("php", "-l", str(root / "etc/roundcube/config.inc.php"))
 
 
 @pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
