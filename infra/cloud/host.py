@@ -1,4 +1,17 @@
-"""MailHost: the DigitalOcean side — droplet, mail volume, cloud firewall, monitoring alerts."""
+"""MailHost: the DigitalOcean side — droplet, mail volume, cloud firewall, monitoring alerts.
+
+What DigitalOcean's API refuses, and how this component keeps clear of it:
+
+- An SSH key already on the account is refused (422 "SSH Key is already in use on your
+  account"), and the admins' keys usually are (uploaded by hand, or by another stack). Only the
+  stack's own deploy key, generated for it and so unique, is registered; the admins' keys reach
+  the server through the user-data.
+- Monitoring alerts go only to addresses verified on the account (400 "email is not verified"):
+  by default the account's own address, which is.
+- A volume is attached to one droplet at a time: the attachment is deleted before its
+  replacement is created, after the provisioning's volume step stopped mail on the old droplet.
+- Tags are account-wide: each host has its own, so destroying one stack leaves another's be.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +30,17 @@ from infra.core.facts import (
     SUBMISSION_PORT,
     SUBMISSIONS_PORT,
 )
-from infra.core.settings import Settings
+from infra.core.settings import BackupPlan, Settings
 
 # Ports the world may reach: SMTP, submissions (implicit TLS), submission, IMAPS, ManageSieve,
 # HTTP (ACME and redirects) and HTTPS (MTA-STS, autoconfig, webmail).
 PUBLIC_TCP_PORTS = (SMTP_PORT, SUBMISSIONS_PORT, SUBMISSION_PORT, IMAPS_PORT, MANAGESIEVE_PORT, HTTP_PORT, HTTPS_PORT)
 ANYWHERE = ("0.0.0.0/0", "::/0")
+
+# DigitalOcean's backup windows: a weekly backup starts on this day, any backup in the four hours
+# from this hour (UTC; the API accepts 0, 4, 8, 12, 16 and 20).
+BACKUP_WEEKDAY = "SUN"
+BACKUP_HOUR = 4
 
 # Monitoring alerts: (metric type, threshold in percent, description).
 ALERTS = (
@@ -42,11 +60,11 @@ class HostArgs:
     droplet_size: str
     image: str
     backups: bool
+    backup_plan: BackupPlan
     volume_name: str
     volume_size_gb: int
     admin_cidrs: tuple[str, ...]
-    ssh_public_keys: tuple[str, ...]
-    alert_email: str
+    do_alert_email: str  # empty: the DigitalOcean account's own (verified) address
 
     @classmethod
     def of(cls, settings: Settings) -> HostArgs:
@@ -57,12 +75,27 @@ class HostArgs:
             droplet_size=settings.droplet_size,
             image=settings.image.value,
             backups=settings.backups,
+            backup_plan=settings.backup_plan,
             volume_name=settings.volume_name,
             volume_size_gb=settings.volume_size_gb,
             admin_cidrs=tuple(settings.admin_cidrs),
-            ssh_public_keys=tuple(settings.ssh_public_keys),
-            alert_email=settings.alert_email,
+            do_alert_email=settings.do_alert_email,
         )
+
+    @property
+    def tag(self) -> str:
+        """This host's DigitalOcean tag (letters, digits, dashes: what the API accepts)."""
+        return "mailroom-" + self.host_name.replace(".", "-")
+
+
+def backup_policy(args: HostArgs) -> do.DropletBackupPolicyArgs | None:
+    """The plan Pulumi.yaml promises; without one, DigitalOcean would back up daily (+30 %)."""
+    if not args.backups:
+        return None
+    weekly = args.backup_plan is BackupPlan.WEEKLY
+    return do.DropletBackupPolicyArgs(
+        plan=args.backup_plan.value, weekday=BACKUP_WEEKDAY if weekly else None, hour=BACKUP_HOUR
+    )
 
 
 def inbound_rules(args: HostArgs) -> list[do.FirewallInboundRuleArgs]:
@@ -87,6 +120,7 @@ def outbound_rules() -> list[do.FirewallOutboundRuleArgs]:
 class MailHost(pulumi.ComponentResource):
     droplet: do.Droplet
     volume: do.Volume
+    attachment: do.VolumeAttachment
     ipv4: pulumi.Output[str]
     ipv6: pulumi.Output[str]
 
@@ -95,16 +129,19 @@ class MailHost(pulumi.ComponentResource):
         name: str,
         args: HostArgs,
         user_data: pulumi.Input[str],
+        deploy_public_key: pulumi.Input[str],
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("mailroom:index:MailHost", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        tag = do.Tag(f"{name}-tag", name="mailroom", opts=child)
-
-        keys = [
-            do.SshKey(f"{name}-ssh-{i}", name=f"{args.host_name}-{i}", public_key=key, opts=child)
-            for i, key in enumerate(args.ssh_public_keys)
-        ]
+        tag = do.Tag(f"{name}-tag", name=args.tag, opts=child)
+        # The stack's own key, unique to it (see the module's docstring for the admins' keys).
+        deploy_key = do.SshKey(
+            f"{name}-deploy-key",
+            name=f"mailroom deploy key of {args.host_name}",
+            public_key=deploy_public_key,
+            opts=child,
+        )
 
         # The mail lives here, not on the droplet: protected from `pulumi destroy` and kept by
         # DigitalOcean if Pulumi ever deletes it, so replacing the droplet loses no mail.
@@ -130,18 +167,20 @@ class MailHost(pulumi.ComponentResource):
             ipv6=True,
             monitoring=True,
             backups=args.backups,
-            ssh_keys=[k.fingerprint for k in keys],
+            backup_policy=backup_policy(args),
+            ssh_keys=[deploy_key.fingerprint],
             user_data=user_data,
             tags=[tag.name],
             # A clean shutdown lets Postfix and Dovecot close their queues and indexes.
             graceful_shutdown=True,
             opts=pulumi.ResourceOptions(parent=self, ignore_changes=["user_data", "image", "ssh_keys"]),
         )
-        do.VolumeAttachment(
+        self.attachment = do.VolumeAttachment(
             f"{name}-mail-attachment",
             droplet_id=self.droplet.id.apply(int),
             volume_id=self.volume.id,
-            opts=child,
+            # One droplet per volume: the old attachment goes first (see the module's docstring).
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )
         do.Firewall(
             f"{name}-firewall",
@@ -150,6 +189,9 @@ class MailHost(pulumi.ComponentResource):
             inbound_rules=inbound_rules(args),
             outbound_rules=outbound_rules(),
             opts=child,
+        )
+        alert_email: pulumi.Input[str] = (
+            args.do_alert_email or do.get_account_output(opts=pulumi.InvokeOutputOptions(parent=self)).email
         )
         for metric, threshold, description in ALERTS:
             do.MonitorAlert(
@@ -161,7 +203,7 @@ class MailHost(pulumi.ComponentResource):
                 enabled=True,
                 entities=[self.droplet.id],
                 description=f"{args.host_name}: {description}",
-                alerts=do.MonitorAlertAlertsArgs(emails=[args.alert_email]),
+                alerts=do.MonitorAlertAlertsArgs(emails=[alert_email]),
                 opts=child,
             )
 

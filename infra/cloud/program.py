@@ -50,7 +50,7 @@ def build(settings: Settings) -> dict[str, Any]:
     user_data = deploy_public.apply(
         lambda key: render_user_data(dataclasses.replace(settings, ssh_public_keys=(*settings.ssh_public_keys, key)))
     )
-    host = MailHost("mail", HostArgs.of(settings), user_data)
+    host = MailHost("mail", HostArgs.of(settings), user_data, deploy_public)
 
     relay = SesRelay("ses", RelayArgs.of(settings)) if settings.relay is Relay.SES else None
     tokens = relay.dkim_tokens if relay else pulumi.Output.from_input([])
@@ -95,6 +95,7 @@ def build(settings: Settings) -> dict[str, Any]:
         user=settings.admin_user,
         private_key=pulumi.Output.secret(deploy_key.private_key_openssh),
         server_id=host.droplet.id,
+        volume_attachment_id=host.attachment.id,
         bundle=secrets.apply(lambda s: render_bundle(settings, s)),
         certificate_names=certificate_names(settings),
         depends_on=[host],

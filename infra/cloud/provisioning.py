@@ -2,6 +2,10 @@
 
 Secrets travel only inside the bundle, on the stdin of the apply step, whose output is kept
 secret and unlogged. A step re-runs only when what it carries changes (its triggers).
+
+None gets the previous run's output in its environment (`add_previous_output_in_env`, on by
+default, sends it with SSH's Setenv, which sshd refuses by default, with a warning on every
+run; and the apply step's output is secret).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import pulumi
 import pulumi_command as command
 
 from infra.core.bundle import Bundle
-from infra.core.steps import APPLY, INSTALL, ISSUE, WAIT, apply_script, script_digest
+from infra.core.steps import APPLY, INSTALL, ISSUE, VOLUME, WAIT, Step, apply_script, script_digest
 
 
 class Provisioning(pulumi.ComponentResource):
@@ -22,6 +26,7 @@ class Provisioning(pulumi.ComponentResource):
         user: str,
         private_key: pulumi.Output[str],
         server_id: pulumi.Output[str],
+        volume_attachment_id: pulumi.Output[str],
         bundle: pulumi.Output[Bundle],
         certificate_names: list[str],
         depends_on: list[pulumi.Resource],
@@ -36,43 +41,48 @@ class Provisioning(pulumi.ComponentResource):
             dial_error_limit=60,
             per_dial_timeout=10,
         )
+
+        def step(
+            step: Step,
+            triggers: list[pulumi.Input[str]],
+            after: list[pulumi.Resource],
+            stdin: pulumi.Input[str] | None = None,
+            secret_output: bool = False,
+        ) -> command.remote.Command:
+            return command.remote.Command(
+                f"{name}-{step.name}",
+                connection=connection,
+                create=step.create,
+                delete=step.delete,
+                stdin=stdin,
+                add_previous_output_in_env=False,
+                logging=command.remote.Logging.NONE if secret_output else None,
+                triggers=triggers,
+                opts=pulumi.ResourceOptions(
+                    parent=self,
+                    depends_on=after,
+                    additional_secret_outputs=["stdout", "stderr"] if secret_output else None,
+                ),
+            )
+
         # Re-run on a new droplet only: bootstrap happens once per machine.
-        waited = command.remote.Command(
-            f"{name}-{WAIT.name}",
-            connection=connection,
-            create=WAIT.create,
-            triggers=[server_id],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=depends_on),
-        )
-        installed = command.remote.Command(
-            f"{name}-{INSTALL.name}",
-            connection=connection,
-            create=INSTALL.create,
-            stdin=apply_script(),
-            triggers=[server_id, script_digest()],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[waited]),
-        )
+        waited = step(WAIT, [server_id], depends_on)
+        # Replaced with the attachment (its id among the triggers), and so deleted before it: the
+        # old attachment's delete-before-replace takes its dependents first, and this one's
+        # delete stops mail and unmounts the volume on the droplet the volume leaves.
+        mounted = step(VOLUME, [server_id, volume_attachment_id], [waited])
+        installed = step(INSTALL, [server_id, script_digest()], [mounted], stdin=apply_script())
         secret_bundle: pulumi.Output[Bundle] = pulumi.Output.secret(bundle)
         bundle_json = secret_bundle.apply(lambda b: b.to_json())
         bundle_digest = secret_bundle.apply(lambda b: b.digest())
-        self.applied = command.remote.Command(
-            f"{name}-{APPLY.name}",
-            connection=connection,
-            create=APPLY.create,
+        self.applied = step(
+            APPLY,
+            [server_id, script_digest(), bundle_digest],
+            [installed],
             # The bundle holds every secret the server needs: stdin only, never a command line.
             stdin=bundle_json,
-            triggers=[server_id, script_digest(), bundle_digest],
-            logging=command.remote.Logging.NONE,
-            opts=pulumi.ResourceOptions(
-                parent=self, depends_on=[installed], additional_secret_outputs=["stdout", "stderr"]
-            ),
+            secret_output=True,
         )
-        command.remote.Command(
-            f"{name}-{ISSUE.name}",
-            connection=connection,
-            create=ISSUE.create,
-            # Once per server and set of names; the script itself skips an existing certificate.
-            triggers=[server_id, *certificate_names],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.applied]),
-        )
+        # Once per server and set of names; the script itself skips an existing certificate.
+        step(ISSUE, [server_id, *certificate_names], [self.applied])
         self.register_outputs({})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -14,15 +15,23 @@ from infra.core.facts import ses_smtp_endpoint
 from infra.core.settings import Settings
 
 # Events the owner must hear about: they decide the account's reputation and sandbox status.
+# Name limits (IAM CreateUser, SES CreateConfigurationSet, SNS CreateTopic).
+IAM_USER_NAME_LIMIT = 64
+CONFIGURATION_SET_NAME_LIMIT = 64
+TOPIC_NAME_LIMIT = 256
 NOTIFIED_EVENTS = ("BOUNCE", "COMPLAINT", "REJECT", "RENDERING_FAILURE")
 
 
 def send_policy(identity_arn: str, configuration_set_arn: str, domain: str) -> str:
-    """The IAM user's only permission: send raw mail as this domain, through this identity.
+    """The IAM user's only permission: send raw mail from the domain, in the SES region.
 
-    SES authorises a send against the identity and, when one is used, the configuration set,
-    so both ARNs are listed; the From address is limited to the domain.
+    SES authorises a send against every identity it involves: the sender's (the domain) and, while
+    the account is in the sandbox, each recipient's (a verified test address); and the
+    configuration set. So the resources are the region's identities and the set, and the
+    `ses:FromAddress` condition is what limits the sender: the domain and its subdomains (the
+    server's own mail leaves as root@<host name>).
     """
+    identities = identity_arn.rsplit(":identity/", 1)[0] + ":identity/*"
     document: dict[str, Any] = {
         "Version": "2012-10-17",
         "Statement": [
@@ -30,12 +39,31 @@ def send_policy(identity_arn: str, configuration_set_arn: str, domain: str) -> s
                 "Sid": "SendAsDomainOnly",
                 "Effect": "Allow",
                 "Action": "ses:SendRawEmail",
-                "Resource": [identity_arn, configuration_set_arn],
-                "Condition": {"StringLike": {"ses:FromAddress": f"*@{domain}"}},
+                "Resource": [identities, configuration_set_arn],
+                "Condition": {"StringLike": {"ses:FromAddress": sender_patterns(domain)}},
             }
         ],
     }
     return json.dumps(document, indent=2)
+
+
+def sender_patterns(domain: str) -> list[str]:
+    """The From addresses the relay may send: the domain's, and its hosts' (IAM StringLike)."""
+    return [f"*@{domain}", f"*@*.{domain}"]
+
+
+def bounded_name(prefix: str, domain: str, limit: int, suffix: str = "") -> str:
+    """PREFIX, the domain (dots as dashes) and SUFFIX, the domain shortened with a hash to fit LIMIT.
+
+    IAM user and SES configuration set names hold at most 64 characters, a domain up to 253.
+    A name that fits is left as it is, so existing stacks keep their resources.
+    """
+    name = prefix + domain.replace(".", "-") + suffix
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(domain.encode()).hexdigest()[:8]
+    room = limit - len(prefix) - len(suffix) - len(digest) - 1
+    return prefix + domain.replace(".", "-")[:room].rstrip("-") + "-" + digest + suffix
 
 
 def topic_policy(topic_arn: str, account_id: str) -> str:
@@ -89,7 +117,7 @@ class SesRelay(pulumi.ComponentResource):
 
         config_set = aws.sesv2.ConfigurationSet(
             f"{name}-events",
-            configuration_set_name=f"mailroom-{domain.replace('.', '-')}",
+            configuration_set_name=bounded_name("mailroom-", domain, CONFIGURATION_SET_NAME_LIMIT),
             reputation_options=aws.sesv2.ConfigurationSetReputationOptionsArgs(reputation_metrics_enabled=True),
             sending_options=aws.sesv2.ConfigurationSetSendingOptionsArgs(sending_enabled=True),
             opts=child,
@@ -112,7 +140,9 @@ class SesRelay(pulumi.ComponentResource):
             opts=child,
         )
 
-        topic = aws.sns.Topic(f"{name}-notices", name=f"mailroom-{domain.replace('.', '-')}-notices", opts=child)
+        topic = aws.sns.Topic(
+            f"{name}-notices", name=bounded_name("mailroom-", domain, TOPIC_NAME_LIMIT, "-notices"), opts=child
+        )
         account = aws.get_caller_identity_output(opts=pulumi.InvokeOutputOptions(parent=self, provider=provider))
         aws.sns.TopicPolicy(
             f"{name}-notices-policy",
@@ -141,7 +171,9 @@ class SesRelay(pulumi.ComponentResource):
             opts=child,
         )
 
-        user = aws.iam.User(f"{name}-smtp-user", name=f"mailroom-smtp-{domain.replace('.', '-')}", opts=child)
+        user = aws.iam.User(
+            f"{name}-smtp-user", name=bounded_name("mailroom-smtp-", domain, IAM_USER_NAME_LIMIT), opts=child
+        )
         aws.iam.UserPolicy(
             f"{name}-smtp-send",
             user=user.name,

@@ -30,6 +30,20 @@ def record_data(record: Record) -> dict[str, str | int | None] | None:
     return None
 
 
+class ZoneNotFoundError(LookupError):
+    """The domain's zone is not on the Cloudflare account the token reaches."""
+
+
+def known_zone(domain: str, zone_id: str | None) -> str:
+    """The zone id Cloudflare answered for the domain, or a clear error: never an empty id."""
+    if not zone_id:
+        raise ZoneNotFoundError(
+            f"Cloudflare has no zone {domain} on the account this token reaches: add the domain to "
+            "Cloudflare (Websites > Add a site) and give the token Zone:Read on it, then run again"
+        )
+    return zone_id
+
+
 def token_policy_resources(zone_id: str) -> str:
     """The token may act on this zone and nothing else."""
     return json.dumps({f"com.cloudflare.api.account.zone.{zone_id}": "*"})
@@ -51,7 +65,7 @@ class MailZone(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         invoke = pulumi.InvokeOutputOptions(parent=self)
         zone = cloudflare.get_zone_output(filter={"name": settings.domain, "match": "all"}, opts=invoke)
-        self.zone_id = zone.zone_id.apply(lambda z: z or "")
+        self.zone_id = zone.zone_id.apply(lambda z: known_zone(settings.domain, z))
         self.name_servers = zone.name_servers
 
         # Which records exist depends on the settings alone; the facts fill in their values.

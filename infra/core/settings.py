@@ -36,6 +36,11 @@ class Image(StrEnum):
     DEBIAN_12 = "debian-12-x64"
 
 
+class BackupPlan(StrEnum):
+    WEEKLY = "weekly"
+    DAILY = "daily"
+
+
 class DmarcPolicy(StrEnum):
     NONE = "none"
     QUARANTINE = "quarantine"
@@ -153,6 +158,7 @@ class Settings:
     allow_ssh_from_anywhere: bool
     volume_size_gb: int
     backups: bool
+    backup_plan: BackupPlan
     relay: Relay
     ses_region: str
     smtp2go_username: str
@@ -167,6 +173,7 @@ class Settings:
     acme_server: str  # the ACME directory URL certbot uses
     caa_issuer: str  # the CA's domain in the CAA record
     alert_email: str
+    do_alert_email: str  # empty: the DigitalOcean account's own address
     mailboxes: tuple[Mailbox, ...]
     aliases: tuple[Alias, ...]
     message_size_limit_mb: int
@@ -626,6 +633,7 @@ def _dkim_selector(p: _Parser) -> str:
 @dataclass(frozen=True)
 class _ReportAddresses:
     alert_email: str
+    do_alert_email: str
     dmarc_report_address: str
     tls_rpt_address: str
 
@@ -635,7 +643,8 @@ def _report_addresses(p: _Parser, domain: str) -> _ReportAddresses:
     alert = p.address("alertEmail", p.string("alertEmail")) if "alertEmail" in p.raw else p.string("alertEmail")
     dmarc_report = p.address("dmarcReportAddress", p.string("dmarcReportAddress") or f"dmarc-reports@{domain}")
     tls_rpt = p.address("tlsRptAddress", p.string("tlsRptAddress") or f"tls-reports@{domain}")
-    return _ReportAddresses(alert, dmarc_report, tls_rpt)
+    do_alert = p.string("doAlertEmail") and p.address("doAlertEmail", p.string("doAlertEmail"))
+    return _ReportAddresses(alert, do_alert, dmarc_report, tls_rpt)
 
 
 def _mailboxes_and_aliases(
@@ -683,6 +692,7 @@ def parse_settings(
         allow_ssh_from_anywhere=p.boolean("allowSshFromAnywhere"),
         volume_size_gb=p.integer("volumeSizeGb", *VOLUME_GB_RANGE),
         backups=p.boolean("backups"),
+        backup_plan=p.choice("backupPlan", BackupPlan),
         relay=relay.relay,
         ses_region=relay.ses_region,
         smtp2go_username=relay.smtp2go_username,
@@ -697,6 +707,7 @@ def parse_settings(
         acme_server=acme_server,
         caa_issuer=_parse_caa_issuer(p, acme_server),
         alert_email=reports.alert_email,
+        do_alert_email=reports.do_alert_email,
         mailboxes=mailboxes,
         aliases=aliases,
         message_size_limit_mb=p.integer("messageSizeLimitMb", *MESSAGE_MB_RANGE),

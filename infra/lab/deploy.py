@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.core.user_data import volume_device
-from infra.lab.host import MACHINE, boot_host, run_steps, stop_host, wait_for_ssh
+from infra.lab.host import MACHINE, boot_host, guest, run_steps, stop_host, wait_for_ssh
 from infra.lab.image import build_image
 from infra.lab.network import DNS_IP, HOST_LINK, HOST_NS, WORLD_NS, create_network
 from infra.lab.state import STATE_DIR, LabError, LabInfo, keep_state, restore_state, secret_file, sh
@@ -107,8 +107,17 @@ def redeploy(changes: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
 
 
 def replace_host() -> list[dict[str, Any]]:
-    """What replacing the droplet does: a new machine from the same user-data, attached to the
-    same volume, then the program's remote commands (all of them: the server id changed)."""
+    """What replacing the droplet does: the old attachment's dependents deleted first (the volume
+    step's delete stops mail and unmounts the volume on the old machine), then a new machine from
+    the same user-data, attached to the same volume, then the program's remote commands (all of
+    them: the server id changed)."""
+    info = LabInfo.load()
+    restore_state()
+    releasing = [s for s in remote_steps(run_program(info.stack, info.overrides)) if s.delete]
+    for step in releasing:
+        result = guest(step.delete or "", info)
+        if result.returncode != 0:
+            raise LabError(f"the delete of {step.name} failed (exit {result.returncode}):\n{result.stderr.strip()}")
     stop_host()
     boot_host((STATE_DIR / "user-data").read_text(), trusted_roots(), (STATE_DIR / "volume-path").read_text())
     wait_for_ssh()

@@ -12,10 +12,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infra.core.settings import SettingsError, parse_settings
 from infra.core.stack import StackError, parse_override, stack_config, stack_names
+
+if TYPE_CHECKING:
+    from infra.tools.rehearsal import Declared
 
 # A multi-line text input (a script, a config) is shown in full up to this many lines; longer
 # ones (the user-data, the apply script) are summarised, with where to read them in full.
@@ -102,6 +105,27 @@ def shown_lines(key: str, value: Any, pad: str) -> list[str]:
     return [f"{pad}{key}: {_scalar(value)}"]
 
 
+def resource_options(r: Declared) -> list[str]:
+    """Every resource option the program set on R, as the plan shows them beside it."""
+    switches = (
+        ("protect", r.protect),
+        ("retain-on-delete", r.retain_on_delete),
+        ("delete-before-replace", r.delete_before_replace),
+    )
+    flags = [flag for flag, on in switches if on]
+    lists = (
+        ("ignore-changes", r.ignore_changes),
+        ("replace-on-changes", r.replace_on_changes),
+        ("secret-outputs", r.additional_secret_outputs),
+    )
+    flags += [f"{option}: {','.join(dict.fromkeys(values))}" for option, values in lists if values]
+    # A provider reference is "URN::ID", the URN ending in the provider's name.
+    provider = r.provider.split("::")[-2] if r.provider.count("::") >= 4 else ""
+    if provider and not provider.startswith("default"):
+        flags.append(f"provider: {provider}")
+    return flags
+
+
 def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
     """The resource tree the program declares, secrets masked, as lines of text."""
     from infra.tools.rehearsal import run_program
@@ -114,9 +138,7 @@ def plan_lines(stack: str, overrides: dict[str, Any]) -> list[str]:
 
     def walk(parent: str, depth: int) -> None:
         for r in sorted(children.get(parent, []), key=lambda r: (r.custom, r.type, r.name)):
-            flags = [flag for flag, on in (("protect", r.protect), ("retain-on-delete", r.retain_on_delete)) if on]
-            if r.ignore_changes:
-                flags.append("ignore-changes: " + ",".join(r.ignore_changes))
+            flags = resource_options(r)
             suffix = f"  [{'; '.join(flags)}]" if flags else ""
             lines.append(f"{'  ' * depth}+ {r.type}  {r.name}{suffix}")
             pad = "  " * (depth + 2)

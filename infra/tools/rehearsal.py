@@ -3,10 +3,10 @@
 `run_program(stack)` merges Pulumi.yaml defaults and Pulumi.<stack>.yaml the way the CLI does,
 hands them to the program as the engine would (strings, secrets flagged), and records every
 resource registration: type, name, parent, inputs (with which of them are secret) and the
-resource options that the default mock monitor does not show (protect, ignore_changes,
-additional_secret_outputs, retain_on_delete, depends_on), and every provider function it calls
-(the zone lookup...) with its arguments. The cloud's answers are stand-ins
-with realistic shapes: documentation addresses, generated keys, fake ids. Nothing is sent
+resource options that the default mock monitor does not show (protect, retain_on_delete,
+delete_before_replace, ignore_changes, replace_on_changes, additional_secret_outputs, depends_on),
+and every provider function it calls (the zone lookup...) with its arguments. The cloud's answers
+are stand-ins with realistic shapes: documentation addresses, generated keys, fake ids. Nothing is sent
 anywhere. The plan command, the tests and the lab all use this one harness.
 """
 
@@ -42,6 +42,7 @@ DROPLET_IPV4 = "203.0.113.10"
 DROPLET_IPV6 = "2001:db8:10::10"
 NAME_SERVERS = ["ada.ns.cloudflare.com", "bob.ns.cloudflare.com"]
 ACCOUNT_ID = "123456789012"
+DO_ACCOUNT_EMAIL = "owner@example.com"  # the DigitalOcean account's (verified) address
 
 
 @dataclass
@@ -59,7 +60,9 @@ class Declared:
     state: dict[str, Any] = field(default_factory=dict)
     protect: bool = False
     retain_on_delete: bool = False
+    delete_before_replace: bool = False
     ignore_changes: list[str] = field(default_factory=list)
+    replace_on_changes: list[str] = field(default_factory=list)
     additional_secret_outputs: list[str] = field(default_factory=list)
     dependencies: list[str] = field(default_factory=list)
     provider: str = ""
@@ -248,6 +251,17 @@ class StandInCloud(pulumi_mocks.Mocks):
         return self._answer(args), []
 
     def _answer(self, args: pulumi_mocks.MockCallArgs) -> dict[str, Any]:
+        if args.token == "digitalocean:index/getAccount:getAccount":
+            return {
+                "email": DO_ACCOUNT_EMAIL,
+                "emailVerified": True,
+                "status": "active",
+                "uuid": "a1b2c3d4-0000-4000-8000-000000000001",
+                "dropletLimit": 10,
+                "floatingIpLimit": 3,
+                "id": "a1b2c3d4-0000-4000-8000-000000000001",
+                "statusMessage": "",
+            }
         if args.token == "cloudflare:index/getZone:getZone":
             name = args.args.get("filter", {}).get("name", "example.org")
             return {
@@ -304,7 +318,9 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 state=dict(self.resources[urn].state) if urn in self.resources else {},
                 protect=bool(request.protect),
                 retain_on_delete=bool(request.retainOnDelete),
+                delete_before_replace=bool(request.deleteBeforeReplace),
                 ignore_changes=list(request.ignoreChanges),
+                replace_on_changes=list(request.replaceOnChanges),
                 additional_secret_outputs=list(request.additionalSecretOutputs),
                 dependencies=list(request.dependencies),
                 provider=request.provider,
@@ -402,6 +418,6 @@ def remote_steps(run: OfflineRun) -> list[Step]:
         if not ready:
             raise ValueError("the remote commands depend on each other in a cycle")
         for r in sorted(ready, key=lambda r: r.name):
-            ordered.append(Step(r.name, r.inputs["create"], r.inputs.get("stdin")))
+            ordered.append(Step(r.name, r.inputs["create"], r.inputs.get("stdin"), r.inputs.get("delete")))
             del pending[r.urn]
     return ordered

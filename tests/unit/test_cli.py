@@ -116,7 +116,17 @@ def test_plan_shows_rules_policies_and_records_readably(capsys: pytest.CaptureFi
     assert "        - protocol: icmp, sourceAddresses: [0.0.0.0/0, ::/0]" in lines
     # The IAM policy as indented JSON: its action and condition can be read.
     assert '              "Action": "ses:SendRawEmail",' in lines
-    assert '                  "ses:FromAddress": "*@example.net"' in lines
+    assert '                  "ses:FromAddress": [' in lines
+    assert '                    "*@example.net",' in lines and '                    "*@*.example.net"' in lines
+    # Every option the program sets, beside its resource.
+    assert "  + digitalocean:index/volume:Volume  mail-mail  [protect; retain-on-delete]" in lines
+    assert (
+        "  + digitalocean:index/volumeAttachment:VolumeAttachment  mail-mail-attachment  [delete-before-replace]"
+        in lines
+    )
+    assert "  + aws:iam/user:User  ses-smtp-user  [provider: ses-aws]" in lines
+    (apply_line,) = [line for line in lines if "  server-apply-bundle  " in line]
+    assert "secret-outputs: stdout,stderr," in apply_line
     # DMARC and DKIM records in full, as Cloudflare gets them.
     run = offline.run_program("dev")
     by_key = {r.key: r for r in records(run.settings, run.facts())}

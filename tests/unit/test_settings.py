@@ -101,6 +101,8 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], list[str]]] = [
     ("unknown size", {"dropletSize": "s-64vcpu-1tb"}, ["dropletSize", "'s-64vcpu-1tb'", "s-1vcpu-1gb"]),
     ("size too small", {"dropletSize": "s-1vcpu-512mb-10gb"}, ["dropletSize", "too small", "1 GB or more"]),
     ("unknown image", {"image": "centos-7-x64"}, ["image", "'centos-7-x64'", "ubuntu-24-04-x64, debian-12-x64"]),
+    ("unknown backup plan", {"backups": True, "backupPlan": "hourly"}, ["backupPlan", "'hourly'", "weekly, daily"]),
+    ("alert address not one", {"doAlertEmail": "ops"}, ["doAlertEmail", "'ops'", "not an e-mail address"]),
     ("cidr not a network", {"adminCidrs": ["198.51.100.300/24"]}, ["adminCidrs[0]", "not a network", "CIDR"]),
     (
         "cidr with host bits",

@@ -84,10 +84,14 @@ def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) 
     processes = {"dns": _world_process("dns", [*module, "dns", str(zone), DNS_IP, str(api_dir / "records.zone")])}
     ses_user = str(run.outputs.get("sesSmtpUsername", ""))
     ses = certificates["ses"]
+    # The SMTP user's policy as the program declares it: the stand-in refuses what it refuses.
+    policies = [r.inputs["policy"] for r in run.of_type("aws:iam/userPolicy:UserPolicy")]
+    policy = STATE_DIR / "ses-policy.json"
+    policy.write_text(policies[0] if policies else '{"Statement": []}')
     processes["ses"] = _world_process("ses", [
         *module, "ses", str(STATE_DIR / "ses"), SES_IP, ses_smtp_endpoint(run.settings.ses_region), ses_user,
         str(secret_file("ses-password", str(run.outputs.get("sesSmtpPassword", "")))),
-        str(ses.certificate), str(ses.key),
+        str(ses.certificate), str(ses.key), str(policy),
     ])  # fmt: skip
     api = certificates["cloudflare"]
     processes["cloudflare"] = _world_process("cloudflare", [

@@ -5,9 +5,12 @@ function's output, plus the lab's few outside names) as the authoritative and on
 lab. It re-reads the file when it changes, so the lab can publish records later (an ACME DNS-01
 TXT).
 
-`python -m infra.lab.world.servers ses DIR ADDRESS HOSTNAME USER PASSWORD_FILE` answers as the
-SES SMTP endpoint: STARTTLS with a lab CA certificate, AUTH PLAIN/LOGIN accepting only the one
-user and password, each accepted message written to DIR. Writing `4xx` or `5xx` into DIR/mode
+`python -m infra.lab.world.servers ses DIR ADDRESS HOSTNAME USER PASSWORD_FILE CERT KEY [POLICY_FILE]`
+answers as the SES SMTP endpoint: STARTTLS with a lab CA certificate, AUTH PLAIN/LOGIN accepting
+only the one user and password, each accepted message written to DIR. Given the SMTP user's IAM
+policy (the document the program declares), it refuses, as SES does with "554 Access denied", a
+message whose From (header, or envelope sender) the policy's `ses:FromAddress` condition does not
+allow; each refusal is logged to DIR/refused.jsonl. Writing `4xx` or `5xx` into DIR/mode
 makes it answer 451 / 554 to recipients; `away` closes its port (connection refused) until the
 mode changes again; stopping the process takes it away for good.
 
@@ -22,7 +25,9 @@ DIR/calls.jsonl (never the token).
 from __future__ import annotations
 
 import asyncio
+import email
 import email.utils
+import fnmatch
 import hashlib
 import json
 import ssl
@@ -70,11 +75,33 @@ def serve_dns(zone_file: Path, address: str, *more: Path) -> None:
         time.sleep(1)
 
 
+def allowed_senders(policy: str) -> list[str]:
+    """The `ses:FromAddress` patterns (IAM StringLike) of a policy document; [] means any sender."""
+    patterns: list[str] = []
+    for statement in json.loads(policy)["Statement"]:
+        like = statement.get("Condition", {}).get("StringLike", {}).get("ses:FromAddress", [])
+        patterns += [like] if isinstance(like, str) else like
+    return patterns
+
+
 class SesStandIn:
     """aiosmtpd handler: record what SES would have accepted, or fail as told."""
 
-    def __init__(self, spool: Path) -> None:
+    def __init__(self, spool: Path, senders: list[str] | None = None) -> None:
         self.spool = spool
+        self.senders = senders or []
+
+    def refused_sender(self, envelope: Any) -> str | None:
+        """The From the IAM condition does not allow, if any (IAM StringLike: * and ?, case kept)."""
+        if not self.senders:
+            return None
+        header = email.message_from_bytes(envelope.original_content or envelope.content).get("From", "")
+        addresses = [a for _, a in email.utils.getaddresses([header]) if a]
+        addresses += [envelope.mail_from] if envelope.mail_from else []
+        for address in addresses or [""]:
+            if not any(fnmatch.fnmatchcase(address, pattern) for pattern in self.senders):
+                return address
+        return None
 
     def mode(self) -> str:
         path = self.spool / "mode"
@@ -91,6 +118,11 @@ class SesStandIn:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         stamp = f"{time.time():.6f}"
+        refused = self.refused_sender(envelope)
+        if refused is not None:
+            with (self.spool / "refused.jsonl").open("a") as log:
+                log.write(json.dumps({"from": refused, "to": envelope.rcpt_tos}) + "\n")
+            return f"554 Access denied: not authorized to perform ses:SendRawEmail as {refused} (lab)"
         (self.spool / f"{stamp}.eml").write_bytes(envelope.original_content or envelope.content)
         # The user name the client logged in with (the authenticator keeps it; never the password).
         meta = {"from": envelope.mail_from, "to": envelope.rcpt_tos, "login": str(session.auth_data or "")}
@@ -98,7 +130,9 @@ class SesStandIn:
         return f"250 Ok {email.utils.make_msgid(domain='amazonses.com')[1:-1]}"
 
 
-def serve_ses(spool: Path, address: str, hostname: str, user: str, password_file: Path, cert: Path, key: Path) -> None:
+def serve_ses(
+    spool: Path, address: str, hostname: str, user: str, password_file: Path, cert: Path, key: Path, senders: list[str]
+) -> None:
     from aiosmtpd.controller import Controller
     from aiosmtpd.smtp import AuthResult, LoginPassword
 
@@ -114,7 +148,7 @@ def serve_ses(spool: Path, address: str, hostname: str, user: str, password_file
 
     def listening() -> Any:  # a stopped Controller's loop is closed: each start needs a new one
         controller = Controller(
-            SesStandIn(spool),
+            SesStandIn(spool, senders),
             hostname=address,
             port=SUBMISSION_PORT,
             server_hostname=hostname,
@@ -248,7 +282,8 @@ def main(argv: list[str]) -> None:
         serve_cloudflare(Path(directory), address, zone, Path(token_file), Path(cert), Path(key))
     elif argv[0] == "ses":
         spool, address, hostname, user, password_file, cert, key = argv[1:8]
-        serve_ses(Path(spool), address, hostname, user, Path(password_file), Path(cert), Path(key))
+        senders = allowed_senders(Path(argv[8]).read_text()) if len(argv) > 8 else []
+        serve_ses(Path(spool), address, hostname, user, Path(password_file), Path(cert), Path(key), senders)
     else:
         raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses, cloudflare")
 

@@ -24,6 +24,12 @@ def test_a_bundle_failing_its_checks_is_refused_and_the_server_keeps_working(lab
     result = host.run_steps_result(lab, Step(**{**apply, "stdin": json.dumps(bundle)}))
     assert result.returncode == 1
     assert "service postfix" in result.stderr and "refused before any was live" in result.stderr
+    # A failing remote command's error carries its whole stdout and stderr into Pulumi's output,
+    # whatever its `logging` says: none of the bundle's secrets may be in them.
+    secrets = [line for f in bundle["files"] if f["secret"] for line in f["content"].splitlines() if len(line) >= 8]
+    assert secrets, "the bundle holds no secret file"
+    leaked = [i for i, line in enumerate(secrets) if line in result.stdout + result.stderr]
+    assert not leaked, f"the refused apply printed lines {leaked} of the bundle's secret files"
     assert host.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout == before
     user, password = alice(lab)
     msg = message(f"dana@{REMOTE_DOMAIN}", user, "still working")
