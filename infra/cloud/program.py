@@ -107,11 +107,11 @@ def build(settings: Settings) -> dict[str, Any]:
         "ipv6": host.ipv6,
         "nameServers": zone.name_servers,
         "smtpRelayEndpoint": endpoint,
-        "certbotToken": zone.certbot_token,
     }
+    # The SMTP password and certbot's token reach the server in the bundle and nothing outside
+    # needs them: they stay in the state (secret), never in the outputs.
     if relay is not None:
         outputs["sesSmtpUsername"] = relay.smtp_username
-        outputs["sesSmtpPassword"] = relay.smtp_password
     return outputs
 
 

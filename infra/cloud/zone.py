@@ -44,6 +44,11 @@ def known_zone(domain: str, zone_id: str | None) -> str:
     return zone_id
 
 
+def token_addresses(facts: Facts) -> list[str]:
+    """The networks certbot's token may be used from: the droplet's two addresses."""
+    return [f"{facts.ipv4}/32", f"{facts.ipv6}/128"]
+
+
 def token_policy_resources(zone_id: str) -> str:
     """The token may act on this zone and nothing else."""
     return json.dumps({f"com.cloudflare.api.account.zone.{zone_id}": "*"})
@@ -105,6 +110,12 @@ class MailZone(pulumi.ComponentResource):
                     resources=self.zone_id.apply(token_policy_resources),
                 )
             ],
+            # Only the server runs certbot: the token is refused from any other address.
+            condition=facts.apply(
+                lambda f: cloudflare.ApiTokenConditionArgs(
+                    request_ip=cloudflare.ApiTokenConditionRequestIpArgs(ins=token_addresses(f))
+                )
+            ),
             opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["value"]),
         )
         self.certbot_token = pulumi.Output.secret(token.value)

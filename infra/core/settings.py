@@ -104,7 +104,9 @@ MESSAGE_MB_RANGE = (1, 100)
 ADMIN_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 # A DNS label (RFC 1035 letters-digits-hyphen form, as used in host names and selectors).
 LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-LOCAL_PART_RE = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+# Local parts as mail providers hand them out: letters, digits and . _ % + = -. RFC 5322 allows
+# more (` $ ' | ...), which a shell or a config file would read as syntax; none is accepted.
+LOCAL_PART_RE = re.compile(r"^[a-z0-9_%+=-]+(\.[a-z0-9_%+=-]+)*$")
 SSH_KEY_RE = re.compile(
     r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com"
     r"|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]{40,}={0,3}( \S.*)?$"
@@ -329,7 +331,9 @@ class _Parser:
     def address(self, key: str, value: str, *, in_domain: str | None = None) -> str:
         parts = _address_parts(value.lower())
         if parts is None:
-            self.problem(key, value, "not an e-mail address (local@domain.tld)")
+            self.problem(
+                key, value, "not an e-mail address mailroom accepts (local@domain.tld; letters, digits, . _ % + = -)"
+            )
         elif in_domain is not None and parts[1] != in_domain:
             self.problem(key, value, f"outside the mail domain; accepted: addresses @{in_domain}")
         return value.lower()
@@ -380,6 +384,11 @@ def _parse_quota(text: str) -> int | None:
     return number * 1024 if m.group(2) == "G" else number
 
 
+# bcrypt's cost is log2 of its rounds; Dovecot's default (5) takes a GPU microseconds per guess.
+MIN_BCRYPT_COST = 10
+BCRYPT_COST_RE = re.compile(r"^\$2[abxy]\$(\d\d)\$")
+
+
 def _parse_password_hashes(p: _Parser) -> dict[str, Secret]:
     hashes: dict[str, Secret] = {}
     for i, line in enumerate(p.strings("passwordHashes")):
@@ -390,7 +399,7 @@ def _parse_password_hashes(p: _Parser) -> dict[str, Secret]:
         if _address_parts(address) is None or not value:
             p.problems.append(
                 f"{key}: (secret, not shown) is not 'ADDRESS HASH'; "
-                "accepted: e.g. 'alice@example.org {BLF-CRYPT}$2y$05$...'"
+                "accepted: e.g. 'alice@example.org {BLF-CRYPT}$2y$10$...'"
             )
             continue
         scheme = next((s for s in PASSWORD_SCHEMES if value.startswith(s)), None)
@@ -403,7 +412,15 @@ def _parse_password_hashes(p: _Parser) -> dict[str, Secret]:
             p.problems.append(
                 f"{key}: the value for {address} (secret, not shown) is not a password hash, it "
                 "looks like plaintext; accepted: a Dovecot hash such as {BLF-CRYPT}$2y$..., "
-                "{ARGON2ID}$argon2id$... or {SHA512-CRYPT}$6$... (make one with: doveadm pw -s BLF-CRYPT)"
+                "{ARGON2ID}$argon2id$... or {SHA512-CRYPT}$6$... (make one with: doveadm pw -s BLF-CRYPT -r 10)"
+            )
+            continue
+        cost = BCRYPT_COST_RE.match(value.removeprefix(scheme)) if scheme == "{BLF-CRYPT}" else None
+        if cost is not None and int(cost[1]) < MIN_BCRYPT_COST:
+            p.problems.append(
+                f"{key}: the bcrypt hash for {address} (secret, not shown) has cost {cost[1]}, which a "
+                f"stolen file gives up quickly; accepted: cost {MIN_BCRYPT_COST} or more "
+                f"(make one with: doveadm pw -s BLF-CRYPT -r {MIN_BCRYPT_COST})"
             )
             continue
         hashes[address] = Secret(value)

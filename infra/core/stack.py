@@ -40,7 +40,7 @@ def stand_in_hash(address: str) -> str:
     """A well-formed bcrypt hash that no password matches (its digest is not bcrypt's output)."""
     alphabet = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
     digest = hashlib.sha256(address.encode()).digest() * 3
-    return "{BLF-CRYPT}$2y$05$" + "".join(alphabet[b % 64] for b in digest[:53])
+    return "{BLF-CRYPT}$2y$10$" + "".join(alphabet[b % 64] for b in digest[:53])
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -7,6 +7,7 @@ API access). Everything else reaches the server through the remote commands
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import jinja2
@@ -29,13 +30,19 @@ def volume_device(settings: Settings) -> str:
 
 
 def template_environment(directory: Path = CLOUD_INIT) -> jinja2.Environment:
-    """Templates are the files the server gets: no escaping, no undefined value let through."""
-    return jinja2.Environment(
+    """Templates are the files the server gets: no escaping, no undefined value let through.
+
+    A value in a shell script goes through the `sh` filter (shlex.quote): whatever a setting
+    holds, the shell reads it as one word and never runs any of it.
+    """
+    environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(directory),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+    environment.filters["sh"] = lambda value: shlex.quote(str(value))
+    return environment
 
 
 def mount_unit(path: str = MAIL_DIR) -> str:

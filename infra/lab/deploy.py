@@ -44,7 +44,7 @@ def lab_passwords(run_settings_addresses: list[str]) -> dict[str, str]:
 
 
 def password_hash(password: str) -> str:
-    result = sh("doveadm", "pw", "-s", "BLF-CRYPT", "-p", password)
+    result = sh("doveadm", "pw", "-s", "BLF-CRYPT", "-r", "10", "-p", password)
     return result.stdout.strip()
 
 

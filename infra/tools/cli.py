@@ -223,8 +223,12 @@ def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets
         target.write_text(f.content)
         target.chmod(f.mode)
         written.append(target)
-    (out / "bundle.json").write_text(bundle.to_json())
-    written.append(out / "bundle.json")
+    # The bundle holds every secret file: readable by its owner only, from the first byte.
+    target = out / "bundle.json"
+    target.touch(mode=0o600)
+    target.chmod(0o600)
+    target.write_text(bundle.to_json())
+    written.append(target)
     return written
 
 

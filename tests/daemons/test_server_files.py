@@ -9,6 +9,7 @@ scratch root. Each checker runs on every combination whose files it reads.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -130,6 +131,8 @@ def test_postfix_accepts_the_configuration(rendered: Rendered, spam: str, relay:
     assert conf["smtpd_relay_restrictions"].endswith("reject_unauth_destination")
     assert conf["virtual_transport"] == "lmtp:unix:private/dovecot-lmtp"
     assert conf["message_size_limit"] == str(settings.message_size_limit_mb * 1024 * 1024)
+    # local(8) starts only with a mailbox limit of 0 or at least the message limit.
+    assert conf["mailbox_size_limit"] == "0" or int(conf["mailbox_size_limit"]) >= int(conf["message_size_limit"])
     assert conf["smtputf8_enable"] == "yes"
     assert "aNULL" in conf["smtpd_tls_exclude_ciphers"] and "EXPORT" in conf["smtpd_tls_exclude_ciphers"]
     assert conf["milter_default_action"] == "tempfail"
@@ -193,6 +196,11 @@ def test_dovecot_accepts_the_configuration(rendered: Rendered, spam: str, relay:
     for folder in ("Drafts", "Sent", "Junk", "Trash", "Archive"):
         assert re.search(rf"mailbox {folder} \{{\s+auto = subscribe\s+special_use = \\{folder}", conf), folder
     assert "imapsieve_mailbox1_name = Junk" in conf
+    # No socket any local account may open: LMTP (mail injection) and the userdb (user listing).
+    full = run("doveconf", "-c", str(root / "etc/dovecot/dovecot.conf")).stdout
+    for listener in ("lmtp", "auth-userdb"):
+        block = re.search(rf"unix_listener {listener} \{{(.*?)\}}", full, re.S)
+        assert block and "mode = 0600" in block[1], f"{listener}: {block[1] if block else 'no such socket'}"
     users = (root / "etc/dovecot/users").read_text().splitlines()
     for box, line in zip(settings.mailboxes, users, strict=True):
         assert line.startswith(f"{box.address}:{{BLF-CRYPT}}$2y$")
@@ -407,7 +415,7 @@ def test_the_acme_server_setting_reaches_certbot_and_only_the_certificate_script
     changed = {f.path for f in after.files if f.content != before.file(f.path).content}
     assert changed == {"/usr/local/sbin/mailroom-certificate"}
     script = after.file("/usr/local/sbin/mailroom-certificate").content
-    assert '--server "https://acme-staging-v02.api.letsencrypt.org/directory"' in script
+    assert "--server https://acme-staging-v02.api.letsencrypt.org/directory" in script
     assert "acme-v02.api.letsencrypt.org" in before.file("/usr/local/sbin/mailroom-certificate").content
 
 
@@ -662,3 +670,22 @@ def test_logrotate_accepts_the_cap_and_applies_it_to_rsyslogs_mail_log(
     assert "does not need rotating" in mail_log_verdict(), "without the cap, a week must pass"
     shutil.copy(cap, included / cap.name)
     assert "log needs rotating" in mail_log_verdict(), "with it, rsyslog's rule rotates a log over 100 MB"
+
+
+@pytest.mark.daemons
+def test_a_setting_in_a_root_script_is_one_word_whatever_it_holds(tmp_path: Path) -> None:
+    # The settings refuse such values; the scripts must not depend on it: a value from a future
+    # setting, or a relaxed check, reaches certbot's command line as one word and runs nothing.
+    hostile = "`touch ran-backticks`ops@example.org"
+    acme = "https://acme.example.org/$(touch ran-dollar)/directory"
+    settings = dataclasses.replace(parse_settings(stack_config("dev")), alert_email=hostile, acme_server=acme)
+    script = render_bundle(settings, generated_secrets()).file("/usr/local/sbin/mailroom-certificate").content
+    start = script.index("certbot certonly")
+    command = script[start : script.index(">/dev/null", start)]
+    stub = 'certbot() { printf "%s\\n" "$@"; }\n'
+    result = subprocess.run(["sh", "-c", stub + command], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    words = result.stdout.splitlines()
+    assert words[words.index("--email") + 1] == hostile
+    assert words[words.index("--server") + 1] == acme
+    assert not list(tmp_path.iterdir()), "a setting's value ran as a command"

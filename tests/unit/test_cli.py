@@ -30,7 +30,7 @@ def test_plan_prints_the_resource_tree_labelled_offline(capsys: pytest.CaptureFi
     assert "  + digitalocean:index/droplet:Droplet  mail-droplet  [ignore-changes: userData,image,sshKeys]" in out
     assert "digitalocean:index/volume:Volume  mail-mail  [protect; retain-on-delete]" in out
     assert "      name: mx1.example.org" in out
-    assert "  sesSmtpPassword: [secret]" in out and "  certbotToken: [secret]" in out
+    assert "  sesSmtpPassword:" not in out and "  certbotToken:" not in out  # no longer outputs
 
 
 def test_plan_never_shows_a_secret(capsys: pytest.CaptureFixture[str]) -> None:
@@ -166,6 +166,7 @@ def test_render_with_generated_secrets_has_a_usable_deploy_key(tmp_path: Path) -
     assert main(["render", "--stack", "dev", "--generate-secrets", "--out", str(tmp_path)]) == 0
     private_file = tmp_path / "deploy-key"
     assert oct(private_file.stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "bundle.json").stat().st_mode & 0o777) == "0o600"  # it holds every secret file
     private = serialization.load_ssh_private_key(private_file.read_bytes(), password=None)
     public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     rendered = (tmp_path / "user-data").read_text()

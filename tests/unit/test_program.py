@@ -166,7 +166,10 @@ def test_other_relays_declare_nothing_at_aws(relay: str) -> None:
 @pytest.mark.parametrize("stack", ["dev", "prod"])
 def test_credentials_are_secret_everywhere(stack: str) -> None:
     run = offline_run(stack)
-    assert {"sesSmtpPassword", "certbotToken"} <= run.secret_outputs
+    # Nothing outside needs the SMTP password or certbot's token: the bundle carries them, the
+    # state keeps them (secret), no output shows them, even as a secret.
+    assert not {"sesSmtpPassword", "certbotToken"} & set(run.outputs)
+    assert not run.secret_outputs
     for name, value in run.outputs.items():
         if name not in run.secret_outputs:
             for secret in secret_values(run):
@@ -185,6 +188,10 @@ def test_certbot_token_may_edit_dns_in_this_zone_only(stack: str) -> None:
     assert [g["id"] for g in policy["permissionGroups"]] == ["4755a26eedb94da69e1066d98aa820be"]  # DNS Write
     zone_id = run.of_type(DNS_RECORD)[0].inputs["zoneId"]
     assert json.loads(policy["resources"]) == {f"com.cloudflare.api.account.zone.{zone_id}": "*"}
+    # And only from the server, which alone runs certbot (a leaked token is useless elsewhere).
+    droplet = run.one(DROPLET).state
+    condition = run.one("cloudflare:index/apiToken:ApiToken").inputs["condition"]
+    assert condition == {"requestIp": {"ins": [f"{droplet['ipv4Address']}/32", f"{droplet['ipv6Address']}/128"]}}
 
 
 def as_declared(record: Record) -> dict[str, Any]:
@@ -284,9 +291,7 @@ def test_stack_outputs_are_few_and_named_for_users() -> None:
         "ipv6",
         "nameServers",
         "smtpRelayEndpoint",
-        "certbotToken",
         "sesSmtpUsername",
-        "sesSmtpPassword",
     }
     assert run.outputs["mailHost"] == "mail.example.net"
     assert run.outputs["ipv4"] == run.one(DROPLET).state["ipv4Address"]

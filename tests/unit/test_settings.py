@@ -18,7 +18,7 @@ from infra.core.settings import (
 )
 from infra.core.stack import stack_config, stack_names
 
-PASSWORD_HASH = "{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuNSDiJ1QtDvGv5vVSpJ9FhZ6Qx4bEh1W"
+PASSWORD_HASH = "{BLF-CRYPT}$2y$10$abcdefghijklmnopqrstuuNSDiJ1QtDvGv5vVSpJ9FhZ6Qx4bEh1W"
 
 
 def good(**changes: Any) -> dict[str, Any]:
@@ -103,6 +103,19 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], list[str]]] = [
     ("unknown image", {"image": "centos-7-x64"}, ["image", "'centos-7-x64'", "ubuntu-24-04-x64, debian-12-x64"]),
     ("unknown backup plan", {"backups": True, "backupPlan": "hourly"}, ["backupPlan", "'hourly'", "weekly, daily"]),
     ("alert address not one", {"doAlertEmail": "ops"}, ["doAlertEmail", "'ops'", "not an e-mail address"]),
+    # What a shell would run: a setting reaches root's scripts (quoted there as well).
+    ("alert address runs a command", {"alertEmail": "`reboot`@example.com"}, ["alertEmail", "not an e-mail address"]),
+    ("alert address expands", {"alertEmail": "$(id)x@example.com"}, ["alertEmail", "not an e-mail address"]),
+    ("mailbox with a quote", {"mailboxes": ["o'neil@example.net"]}, ["mailboxes[0]", "not an e-mail address"]),
+    (
+        "bcrypt cost too low",
+        {
+            "passwordHashes": [
+                "alice@example.net {BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuNSDiJ1QtDvGv5vVSpJ9FhZ6Qx4bEh1W"
+            ]
+        },
+        ["passwordHashes[0]", "cost 05", "cost 10 or more", "doveadm pw -s BLF-CRYPT -r 10"],
+    ),
     ("cidr not a network", {"adminCidrs": ["198.51.100.300/24"]}, ["adminCidrs[0]", "not a network", "CIDR"]),
     (
         "cidr with host bits",

@@ -75,6 +75,12 @@ def _world_process(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["ip", "netns", "exec", WORLD_NS, *argv], stdout=subprocess.DEVNULL, stderr=log)
 
 
+def state_value(run: OfflineRun, type_: str, key: str) -> str:
+    """A secret as the stack's state holds it (the stand-in cloud's answer), or "" with no such resource."""
+    found = run.of_type(type_)
+    return str(found[0].state[key]) if found else ""
+
+
 def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) -> tuple[str, str]:
     """DNS, SES, the Cloudflare API and pebble, each on its own world address."""
     zone = STATE_DIR / "zone.db"
@@ -90,14 +96,19 @@ def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) 
     policy.write_text(policies[0] if policies else '{"Statement": []}')
     processes["ses"] = _world_process("ses", [
         *module, "ses", str(STATE_DIR / "ses"), SES_IP, ses_smtp_endpoint(run.settings.ses_region), ses_user,
-        str(secret_file("ses-password", str(run.outputs.get("sesSmtpPassword", "")))),
+        str(secret_file("ses-password", state_value(run, "aws:iam/accessKey:AccessKey", "sesSmtpPasswordV4"))),
         str(ses.certificate), str(ses.key), str(policy),
     ])  # fmt: skip
     api = certificates["cloudflare"]
+    # certbot's token may be used only from where its condition says, as Cloudflare enforces it.
+    tokens = run.of_type("cloudflare:index/apiToken:ApiToken")
+    token_networks = STATE_DIR / "cloudflare-token-networks.json"
+    condition = tokens[0].inputs.get("condition", {}) if tokens else {}
+    token_networks.write_text(json.dumps(condition.get("requestIp", {}).get("ins", [])))
     processes["cloudflare"] = _world_process("cloudflare", [
         *module, "cloudflare", str(api_dir), CLOUDFLARE_IP, run.settings.domain,
-        str(secret_file("cloudflare-token", str(run.outputs.get("certbotToken", "")))),
-        str(api.certificate), str(api.key),
+        str(secret_file("cloudflare-token", state_value(run, "cloudflare:index/apiToken:ApiToken", "value"))),
+        str(api.certificate), str(api.key), str(token_networks),
     ])  # fmt: skip
     config = acme.write_config(STATE_DIR / "pebble.json", ACME_IP, certificates["acme"])
     processes["acme"] = _world_process("acme", acme.argv(config, DNS_IP))

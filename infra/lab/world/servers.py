@@ -14,9 +14,10 @@ allow; each refusal is logged to DIR/refused.jsonl. Writing `4xx` or `5xx` into 
 makes it answer 451 / 554 to recipients; `away` closes its port (connection refused) until the
 mode changes again; stopping the process takes it away for good.
 
-`python -m infra.lab.world.servers cloudflare DIR ADDRESS ZONE TOKEN_FILE CERT KEY` answers as
-api.cloudflare.com for the few calls certbot's dns-cloudflare plugin makes (find the zone; add,
-find and delete a TXT record), over HTTPS with a lab CA certificate, only for the one API token.
+`python -m infra.lab.world.servers cloudflare DIR ADDRESS ZONE TOKEN_FILE CERT KEY [NETWORKS_FILE]`
+answers as api.cloudflare.com for the few calls certbot's dns-cloudflare plugin makes (find the
+zone; add, find and delete a TXT record), over HTTPS with a lab CA certificate, only for the one
+API token, and (given the token's request-IP condition, a JSON list of networks) only from them.
 The records it holds are written to DIR/records.zone, which the DNS stand-in serves alongside
 its zone file (`dns ZONEFILE ADDRESS [MORE_ZONEFILES...]`); each call is logged to
 DIR/calls.jsonl (never the token).
@@ -29,6 +30,7 @@ import email
 import email.utils
 import fnmatch
 import hashlib
+import ipaddress
 import json
 import ssl
 import sys
@@ -186,8 +188,10 @@ def _api_error(code: int, message: str) -> dict[str, Any]:
 class CloudflareApi:
     """What api.cloudflare.com/client/v4 holds for one zone: its id and the records added."""
 
-    def __init__(self, directory: Path, zone: str, token: str) -> None:
+    def __init__(self, directory: Path, zone: str, token: str, networks: list[str] | None = None) -> None:
         self.directory, self.zone, self.token = directory, zone, token
+        # The token's request-IP condition, as the program declares it; None: from anywhere.
+        self.networks = [ipaddress.ip_network(n) for n in networks] if networks else None
         self.zone_id = hashlib.sha256(zone.encode()).hexdigest()[:32]
         self.records: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
@@ -205,10 +209,14 @@ class CloudflareApi:
         with (self.directory / "calls.jsonl").open("a") as calls:
             calls.write(json.dumps(entry) + "\n")
 
-    def answer(self, method: str, path: str, query: dict[str, str], body: Any, token: str) -> tuple[int, Any]:
-        """(HTTP status, the API's JSON envelope) for one call."""
+    def answer(
+        self, method: str, path: str, query: dict[str, str], body: Any, token: str, client: str = ""
+    ) -> tuple[int, Any]:
+        """(HTTP status, the API's JSON envelope) for one call from the address CLIENT."""
         if token != self.token:
             return 403, _api_error(10000, "Authentication error")
+        if self.networks is not None and not any(ipaddress.ip_address(client) in n for n in self.networks):
+            return 403, _api_error(9109, f"Cannot use the access token from location: {client}")
         parts = path.removeprefix("/client/v4/").strip("/").split("/")
         result: Any
         with self.lock:
@@ -239,11 +247,13 @@ class CloudflareApi:
         return None
 
 
-def serve_cloudflare(directory: Path, address: str, zone: str, token_file: Path, cert: Path, key: Path) -> None:
+def serve_cloudflare(
+    directory: Path, address: str, zone: str, token_file: Path, cert: Path, key: Path, networks: list[str] | None
+) -> None:
     import http.server
     import urllib.parse
 
-    api = CloudflareApi(directory, zone, token_file.read_text().strip())
+    api = CloudflareApi(directory, zone, token_file.read_text().strip(), networks)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def handle_call(self) -> None:
@@ -252,8 +262,9 @@ def serve_cloudflare(directory: Path, address: str, zone: str, token_file: Path,
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
             token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
-            status, envelope = api.answer(self.command, url.path, query, body, token)
-            api.log({"method": self.command, "path": url.path, "query": query, "status": status})
+            client = self.client_address[0]
+            status, envelope = api.answer(self.command, url.path, query, body, token, client)
+            api.log({"method": self.command, "path": url.path, "query": query, "status": status, "client": client})
             payload = json.dumps(envelope).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -279,7 +290,8 @@ def main(argv: list[str]) -> None:
         serve_dns(Path(argv[1]), argv[2], *(Path(a) for a in argv[3:]))
     elif argv[0] == "cloudflare":
         directory, address, zone, token_file, cert, key = argv[1:7]
-        serve_cloudflare(Path(directory), address, zone, Path(token_file), Path(cert), Path(key))
+        networks = json.loads(Path(argv[7]).read_text()) if len(argv) > 7 else None
+        serve_cloudflare(Path(directory), address, zone, Path(token_file), Path(cert), Path(key), networks)
     elif argv[0] == "ses":
         spool, address, hostname, user, password_file, cert, key = argv[1:8]
         senders = allowed_senders(Path(argv[8]).read_text()) if len(argv) > 8 else []

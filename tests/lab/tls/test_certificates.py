@@ -25,6 +25,7 @@ from cryptography import x509
 
 from infra.lab import deploy, host, network, state, world
 from infra.lab.mail import find, message, send_inbound, served_certificate
+from infra.tools.rehearsal import DROPLET_IPV4
 from tests.support.lab import LAB_MARKS
 
 pytestmark = LAB_MARKS
@@ -102,9 +103,13 @@ def test_the_cloudflare_api_answers_only_the_programs_token(lab: state.LabInfo) 
 
     status, body = network.in_netns(network.WORLD_NS, lambda: ask("not-the-token"))
     assert (status, body["success"]) == (403, False)
+    # The program's token, from anywhere but the server: its request-IP condition refuses it.
     token = (state.STATE_DIR / "cloudflare-token").read_text()
     status, body = network.in_netns(network.WORLD_NS, lambda: ask(token))
-    assert status == 200 and body["result"][0]["name"] == "example.net"
+    assert (status, body["errors"][0]["code"]) == (403, 9109), body
+    # From the server, certbot's calls (above) were answered.
+    from_server = [c for c in api_calls() if c.get("client") == DROPLET_IPV4]
+    assert from_server and all(c["status"] == 200 for c in from_server), from_server
 
 
 def test_a_renewed_certificate_is_installed_and_served_on_every_port(lab: state.LabInfo) -> None:
