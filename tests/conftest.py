@@ -41,6 +41,7 @@ LAB_ORDER = (
     "lab/submission/",
     "lab/spam/",
     "lab/dns/",
+    "lab/status/",
     "lab/abuse/test_brute_force.py",
     "lab/faults/",
     "lab/secrets/",

@@ -96,7 +96,7 @@ def build(settings: Settings) -> dict[str, Any]:
         private_key=pulumi.Output.secret(deploy_key.private_key_openssh),
         server_id=host.droplet.id,
         volume_attachment_id=host.attachment.id,
-        bundle=secrets.apply(lambda s: render_bundle(settings, s)),
+        bundle=pulumi.Output.all(secrets, facts).apply(lambda v: render_bundle(settings, v[0], v[1])),
         certificate_names=certificate_names(settings),
         depends_on=[host],
     )
@@ -112,6 +112,8 @@ def build(settings: Settings) -> dict[str, Any]:
     # needs them: they stay in the state (secret), never in the outputs.
     if relay is not None:
         outputs["sesSmtpUsername"] = relay.smtp_username
+        # What `python -m infra check` expects at SES's DKIM names (public: they are in DNS).
+        outputs["sesDkimTokens"] = relay.dkim_tokens
     return outputs
 
 

@@ -57,6 +57,8 @@ class Service:
     check: tuple[str, ...] = ()
     # Run when one of its files changed and every check passed (e.g. systemctl reload postfix).
     reload: str = ""
+    # The systemd units that must be active for this service to work: the status check asks each.
+    units: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

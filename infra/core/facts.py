@@ -14,6 +14,8 @@ PROJECT_FILE = PROJECT_DIR / "Pulumi.yaml"
 CLOUD_INIT = PROJECT_DIR / "cloud_init"
 SERVER_FILES = CLOUD_INIT / "files"
 APPLY_SCRIPT = CLOUD_INIT / "apply.py"
+# The status checks the server runs (and the operator's `check` imports): shipped in the bundle.
+STATUS_SCRIPT = CLOUD_INIT / "status.py"
 
 # Ports the server serves.
 SSH_PORT = 22
@@ -34,6 +36,9 @@ BOOTSTRAP_MARKER = "/var/lib/mailroom-bootstrapped"
 MOUNT_VOLUME_SCRIPT = "/usr/local/sbin/mailroom-mount-volume"
 # Where the install step puts the apply script the bundle is sent to.
 APPLY_PATH = "/usr/local/lib/mailroom/apply.py"
+# The status checks and what they expect (the settings' hosts, daemons and the program's records).
+STATUS_PATH = "/usr/local/lib/mailroom/status.py"
+STATUS_CONFIG = "/etc/mailroom/status.json"
 # Postfix's queue directory: the milters' sockets live below it (reachable from its chroot).
 QUEUE_DIR = "/var/spool/postfix"
 

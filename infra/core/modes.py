@@ -78,6 +78,8 @@ BASE = (
     "logrotate",
     "ca-certificates",
     "python3",
+    # The daily status check's DNS queries (/usr/local/lib/mailroom/status.py).
+    "python3-dnspython",
 )
 
 # Files of the common layer that hold a secret.
@@ -102,7 +104,15 @@ def milter_dir(milter: str) -> str:
 
 
 def milter_service(
-    name: str, paths: tuple[str, ...], socket: str, *, owner: str, mode: str, check: str, restart: str
+    name: str,
+    paths: tuple[str, ...],
+    socket: str,
+    *,
+    owner: str,
+    mode: str,
+    check: str,
+    restart: str,
+    units: tuple[str, ...],
 ) -> Service:
     """A milter's daemon: the directory of its socket (SOCKET: relative to Postfix's queue) made
     first, Postfix's group allowed in; its reload returns only once it answers there."""
@@ -112,6 +122,7 @@ def milter_service(
         prepare=(f"install -d -o {owner} -g postfix -m {mode} {milter_dir(socket)}",),
         check=(check,),
         reload=f"{restart} && {until_listening(socket)}",
+        units=units,
     )
 
 
@@ -149,6 +160,7 @@ SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
                 check="opendkim -n -x /etc/opendkim.conf",
                 # A restart: OpenDKIM re-reads keys on reload, but not its socket.
                 restart="systemctl restart opendkim",
+                units=("opendkim",),
             ),
             Service(
                 "spamassassin",
@@ -157,6 +169,7 @@ SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
                 check=("spamassassin --lint",),
                 # A restart: spamd reads its options (children, --allow-tell) only when it starts.
                 reload="systemctl restart spamd spamass-milter && " + until_listening(SPAMASS_MILTER),
+                units=("spamd", "spamass-milter"),
             ),
         ),
         secret_files={"/etc/opendkim/keys/{selector}.private": (0o600, "opendkim", "opendkim")},
@@ -176,6 +189,7 @@ SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
                 ("/etc/systemd/system/redis-server.service.d/",),
                 prepare=("systemctl daemon-reload",),
                 reload="systemctl restart redis-server",
+                units=("redis-server",),
             ),
             milter_service(
                 "rspamd",
@@ -185,6 +199,7 @@ SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
                 mode="0750",
                 check="rspamadm configtest",
                 restart="systemctl reload-or-restart rspamd",
+                units=("rspamd",),
             ),
         ),
         secret_files={"/etc/rspamd/dkim/{selector}.key": (0o640, "root", "_rspamd")},
@@ -223,6 +238,7 @@ RELAYS: Mapping[Relay, RelayMode] = {
                 ("/etc/mta-sts-daemon.yml",),
                 check=("python3 -c 'import sys, yaml; yaml.safe_load(open(sys.argv[1]))' /etc/mta-sts-daemon.yml",),
                 reload="systemctl restart postfix-mta-sts-resolver",
+                units=("postfix-mta-sts-resolver",),
             ),
         ),
     ),

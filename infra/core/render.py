@@ -8,12 +8,22 @@ lines of main.cf), never a file of its own. Choices pick files; templates only f
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 from infra.core.bundle import Bundle, BundleFile, ServerSecrets, Service
-from infra.core.dns import mta_sts_policy
-from infra.core.facts import MAIL_DIR, QUEUE_DIR, SERVER_FILES
+from infra.core.dns import Facts, mta_sts_policy, records
+from infra.core.facts import (
+    MAIL_DIR,
+    QUEUE_DIR,
+    RELAY_PORT,
+    SERVER_FILES,
+    STATUS_CONFIG,
+    STATUS_PATH,
+    STATUS_SCRIPT,
+)
 from infra.core.modes import (
     COMMON_SECRET_FILES,
     OPENDKIM_MILTER,
@@ -43,6 +53,10 @@ PUBLIC_ZEN = "zen.spamhaus.org"
 MAIN_CF_WITH_KEY: tuple[str, Owner] = ("/etc/postfix/main.cf", (0o640, "root", "postfix"))
 
 POSTFIX_MAPS = ("virtual_mailboxes", "virtual_aliases", "sender_logins")
+# The status check's files: its script parses, its expectations are JSON.
+STATUS_PROBE = "'import ast, json, sys; ast.parse(open(sys.argv[1]).read()); json.load(open(sys.argv[2]))'"
+# The jails of fail2ban/jail.d/mailroom.conf (the status check expects each running).
+FAIL2BAN_JAILS = ("sshd", "postfix-sasl", "dovecot")
 # The part of main.cf each relay brings, in its own layer.
 RELAY_PART = "_relay.cf.j2"
 
@@ -128,6 +142,7 @@ def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
         "certificate_names": names,
         "certificate_san": ",".join(f"DNS:{n}" for n in names),
         "alert_email": settings.alert_email,
+        "status_path": STATUS_PATH,
         "acme_server": settings.acme_server,
         "webmail_des_key": secrets.webmail_des_key,
         **milters(settings),
@@ -177,6 +192,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
             prepare=(*postmaps, "newaliases"),
             check=("postfix check", f"python3 -m py_compile {STORAGE_POLICY}"),
             reload="systemctl reload-or-restart postfix",
+            units=("postfix",),
         ),
         Service(
             "dovecot",
@@ -194,6 +210,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
             # -c: read the new file, not the running daemon's configuration socket.
             check=("doveconf -c /etc/dovecot/dovecot.conf -n >/dev/null",),
             reload="systemctl reload-or-restart dovecot",
+            units=("dovecot",),
         ),
         Service(
             "unbound",
@@ -201,18 +218,28 @@ def services(settings: Settings) -> tuple[Service, ...]:
             ("/etc/unbound/", "/etc/resolv.conf"),
             check=("unbound-checkconf",),
             reload="systemctl reload-or-restart unbound",
+            units=("unbound",),
         ),
         Service(
             "nginx",
             ("/etc/nginx/", "/var/www/mailroom/"),
             check=("nginx -t -q",),
             reload="systemctl reload-or-restart nginx",
+            units=("nginx",),
         ),
         Service(
             "fail2ban",
             ("/etc/fail2ban/",),
             check=("fail2ban-client -t >/dev/null",),
             reload="systemctl reload-or-restart fail2ban",
+            units=("fail2ban",),
+        ),
+        Service(
+            "status",
+            (STATUS_PATH, STATUS_CONFIG, "/etc/systemd/system/mailroom-status."),
+            prepare=("systemctl daemon-reload",),
+            check=(f"python3 -c {STATUS_PROBE} {STATUS_PATH} {STATUS_CONFIG}",),
+            reload="systemctl enable --now mailroom-status.timer",
         ),
         Service(
             "journald",
@@ -233,7 +260,23 @@ def services(settings: Settings) -> tuple[Service, ...]:
     return (*common, *relay.services, *webmail.services)
 
 
-def render_bundle(settings: Settings, secrets: ServerSecrets) -> Bundle:
+def status_config(settings: Settings, facts: Facts) -> dict[str, Any]:
+    """What the server's status checks expect: its daemons and jails, its relay, the program's records."""
+    host = relay_host(settings)
+    return {
+        "host": settings.host_name,
+        "domain": settings.domain,
+        "alert_email": settings.alert_email,
+        "units": [unit for service in services(settings) for unit in service.units],
+        "jails": list(FAIL2BAN_JAILS),
+        "mail_dir": MAIL_DIR,
+        "dkim_key": chosen(settings)[0].dkim_key.format(selector=settings.dkim_selector),
+        "relay": {"host": host, "port": RELAY_PORT} if host else None,
+        "records": [asdict(r) for r in records(settings, facts)],
+    }
+
+
+def render_bundle(settings: Settings, secrets: ServerSecrets, facts: Facts) -> Bundle:
     environment = template_environment(SERVER_FILES)
     values = context(settings, secrets)
     files = [
@@ -242,6 +285,8 @@ def render_bundle(settings: Settings, secrets: ServerSecrets) -> Bundle:
     ]
     key_path = chosen(settings)[0].dkim_key.format(selector=settings.dkim_selector)
     files.append(_file(key_path, secrets.dkim_private_key_pem, settings))
+    files.append(BundleFile(STATUS_PATH, STATUS_SCRIPT.read_text(), 0o755))
+    files.append(BundleFile(STATUS_CONFIG, json.dumps(status_config(settings, facts), indent=2, sort_keys=True) + "\n"))
     return Bundle(
         files=tuple(sorted(files, key=lambda f: f.path)),
         services=services(settings),

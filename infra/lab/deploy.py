@@ -81,6 +81,9 @@ def up(stack: str = "dev", overrides: Mapping[str, Any] | None = None) -> LabInf
         user_data = run.one("digitalocean:index/droplet:Droplet").inputs["userData"]
         (STATE_DIR / "user-data").write_text(user_data)
         (STATE_DIR / "volume-path").write_text(volume_device(run.settings))
+        # As `pulumi stack output --json` prints them (secret outputs left out): `check --lab` reads them.
+        plain = {k: v for k, v in run.outputs.items() if k not in run.secret_outputs}
+        (STATE_DIR / "outputs.json").write_text(json.dumps(plain, indent=2, default=str))
         boot_host(user_data, trusted_roots(), volume_device(run.settings))
         steps = remote_steps(run)
         info = LabInfo(stack, {**overrides, "passwordHashes": lab_hashes(run)}, DROPLET_IPV4, run.settings.admin_user,

@@ -200,7 +200,10 @@ def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets
 
     settings = parse_settings(stack_config(stack, overrides))
     secrets = generated_secrets() if generate_secrets else placeholder_secrets()
-    bundle = render_bundle(settings, secrets)
+    from infra.core.dns import Facts
+
+    # Stand-in addresses (the droplet's are known once it exists): only the status check's expected records hold them.
+    bundle = render_bundle(settings, secrets, Facts.placeholder(settings))
     written = []
     out.mkdir(parents=True, exist_ok=True)
     if generate_secrets:
@@ -266,6 +269,51 @@ def lab_command(action: str, stack: str, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def check_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """`check`: the live domain against the stack; exit 0 ok, 1 warnings, 2 failures, 3 not run."""
+    from infra.tools import check
+
+    settings = parse_settings(stack_config(args.stack, overrides))
+    resolver, ca_file, ssh_key = args.resolver, args.ca_file, args.ssh_key
+    try:
+        if args.lab:  # the lab's outputs, key, DNS and CA; run from its outside world
+            from infra.lab import network, state, world
+
+            info = state.LabInfo.load()
+            settings = parse_settings(stack_config(info.stack, {**info.overrides, **overrides}))
+            outputs = json.loads((state.STATE_DIR / "outputs.json").read_text())
+            resolver = resolver or info.dns
+            # What the lab host trusts: pebble's root (Let's Encrypt's stand-in) and the lab CA.
+            roots = state.STATE_DIR / "check-roots.pem"
+            roots.write_text("".join(p.read_text() for p in world.trusted_roots().values()))
+            ca_file = ca_file or str(roots)
+            ssh_key = ssh_key or Path(info.key_file)
+        elif args.outputs:
+            outputs = json.loads(Path(args.outputs).read_text())
+        else:
+            outputs = check.stack_outputs(args.stack)
+        ssh: list[str] = []
+        if not args.no_ssh:
+            ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15"]
+            if ssh_key:
+                ssh += ["-i", str(ssh_key), "-o", "IdentitiesOnly=yes"]
+            if args.lab:  # a new lab host has a new host key: nothing to pin
+                ssh += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+            ssh.append(f"{args.ssh_user or settings.admin_user}@{outputs.get('ipv4', '')}")
+        target = check.Target.from_outputs(settings, outputs, resolver=resolver, ca_file=ca_file, ssh=ssh)
+    except (check.CheckError, OSError, ValueError) as exc:
+        print(f"error: the check could not start: {exc}", file=sys.stderr)
+        return 3
+    groups = args.only or list(check.GROUPS)
+    if args.lab:
+        results = network.in_netns(network.WORLD_NS, lambda: check.run(target, groups))
+    else:
+        results = check.run(target, groups)
+    print(check.as_json(results) if args.json else check.status.report(results), end="\n" if args.json else "")
+    code: int = check.status.exit_code(results)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +332,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 action="store_true",
                 help="fill secrets with freshly generated values (a real DKIM key...) instead of placeholders",
             )
+    check_parser = commands.add_parser(
+        "check",
+        help="what is wrong with the live mail domain, in plain words with the fix (exit 0 ok, 1 warnings, 2 failures)",
+        description="Check the deployed stack: DNS record by record, the addresses' PTRs, TLS on every port, "
+        "blocklists, the relay's login and the server's inside (over SSH). Expected values come from the "
+        "stack's settings and outputs; nothing is changed anywhere. Exit status: 0 all ok, 1 warnings, 2 failures.",
+    )
+    check_parser.add_argument("--stack", default="dev", help=f"stack name (one of: {', '.join(stack_names())})")
+    check_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    check_parser.add_argument("--resolver", metavar="IP", help="ask this DNS resolver (default: the system's)")
+    check_parser.add_argument("--ca-file", metavar="PEM", help="trust these roots for TLS (default: the system's)")
+    check_parser.add_argument("--ssh-user", help="log in to the server as this user (default: the adminUser setting)")
+    check_parser.add_argument(
+        "--ssh-key", type=Path, help="SSH private key for the server (default: your SSH agent and keys)"
+    )
+    check_parser.add_argument(
+        "--no-ssh", action="store_true", help="skip the server's inside (relay login, daemons, queue...)"
+    )
+    check_parser.add_argument(
+        "--outputs", type=Path, metavar="JSON", help="the stack's outputs as `pulumi stack output --json` prints them"
+    )
+    check_parser.add_argument("--lab", action="store_true", help="check the running lab (its outputs and its key)")
+    check_parser.add_argument(
+        "--only", action="append", choices=("dns", "addresses", "tls", "blocklists", "relay", "server"),
+        help="only this group (repeatable)",
+    )  # fmt: skip
+    check_parser.add_argument("--json", action="store_true", help="print the results as JSON")
     lab = commands.add_parser("lab", help="the real mail stack on this machine: up, smoke, status, down")
     lab.add_argument("action", choices=("up", "smoke", "status", "down"))
     lab.add_argument("--stack", default="dev", help=f"stack name (one of: {', '.join(stack_names())})")
@@ -301,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {len(written)} files under {args.out} (secrets are {kind})")
         elif args.command == "lab":
             return lab_command(args.action, args.stack, overrides)
+        elif args.command == "check":
+            return check_command(args, overrides)
     except (SettingsError, StackError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from pathlib import Path, PurePath
 import pytest
 
 from infra.core.bundle import Bundle
+from infra.core.dns import Facts
 from infra.core.render import render_bundle
 from infra.core.settings import Settings, parse_settings
 from infra.core.stack import stack_config
@@ -38,6 +39,8 @@ WEBMAIL = [c for c in COMBINATIONS if c.values[2]]
 MOVED = ("/etc/postfix/", "/etc/dovecot/", "/etc/mailroom/", "/etc/opendkim", "/etc/rspamd/", "/etc/nginx/",
          "/var/www/mailroom/", "/etc/unbound/", "/etc/fail2ban/", "/etc/letsencrypt/", "/etc/spamassassin/")  # fmt: skip
 SECRETS = generated_secrets()
+# Deploy-time facts for the status check's expected records (documentation addresses).
+FACTS = Facts("198.51.100.10", "2001:db8::10", "AAAA", ("token0", "token1", "token2"))
 DQS_KEY = "dqskey0123456789abcdefghij"
 
 
@@ -102,7 +105,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
     out = {}
     for spam, relay, webmail in product(("spamassassin", "rspamd"), ("ses", "smtp2go", "direct"), (False, True)):
         settings = settings_for(spam, relay, webmail)
-        bundle = render_bundle(settings, SECRETS)
+        bundle = render_bundle(settings, SECRETS, FACTS)
         root = tmp_path_factory.mktemp(f"{spam}-{relay}-{webmail}")
         root.chmod(0o755)
         out[(spam, relay, webmail)] = (settings, bundle, materialize(bundle, root))
@@ -172,7 +175,7 @@ def test_submission_ports_require_tls_12_and_authentication(
 
 
 def test_sender_logins_let_users_send_as_their_aliases_only() -> None:
-    bundle = render_bundle(settings_for("spamassassin", "ses", False), SECRETS)
+    bundle = render_bundle(settings_for("spamassassin", "ses", False), SECRETS, FACTS)
     logins = dict(line.split(" ", 1) for line in bundle.file("/etc/postfix/sender_logins").content.splitlines() if line and not line.startswith("#"))  # fmt: skip
     assert logins["alice@example.net"] == "alice@example.net"
     assert logins["info@example.net"] == "alice@example.net"
@@ -290,7 +293,7 @@ def test_mta_sts_policy_served_is_the_one_published() -> None:
     from infra.core.dns import mta_sts_policy
 
     settings = settings_for("rspamd", "ses", False, mtaStsMode="enforce")
-    served = render_bundle(settings, SECRETS).file("/var/www/mailroom/mta-sts/.well-known/mta-sts.txt").content
+    served = render_bundle(settings, SECRETS, FACTS).file("/var/www/mailroom/mta-sts/.well-known/mta-sts.txt").content
     assert served == mta_sts_policy(settings)
     assert "mode: enforce\nmx: mail.example.net\n" in served
 
@@ -298,7 +301,7 @@ def test_mta_sts_policy_served_is_the_one_published() -> None:
 def test_autoconfig_names_the_host_and_ports() -> None:
     import xml.etree.ElementTree as ET
 
-    bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
+    bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS, FACTS)
     xml = ET.fromstring(bundle.file("/var/www/mailroom/autoconfig/mail/config-v1.1.xml").content)  # noqa: S314
     servers = [(s.get("type"), s.findtext("hostname"), s.findtext("port"), s.findtext("socketType")) for s in xml.iter() if s.tag.endswith("Server")]  # fmt: skip
     assert servers == [
@@ -352,7 +355,7 @@ def test_roundcube_configuration_is_valid_php(rendered: Rendered, spam: str, rel
 @pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
 def test_secrets_live_only_in_secret_root_only_files(spam: str, relay: str, webmail: bool) -> None:
     settings = settings_for(spam, relay, webmail, spamhausDqsKey=DQS_KEY)
-    bundle = render_bundle(settings, SECRETS)
+    bundle = render_bundle(settings, SECRETS, FACTS)
     secrets = [SECRETS.relay_password, SECRETS.certbot_token, SECRETS.dkim_private_key_pem.splitlines()[1], DQS_KEY]
     secrets += [b.password_hash.reveal() for b in settings.mailboxes]
     secrets += [SECRETS.webmail_des_key] if webmail else []
@@ -375,20 +378,20 @@ def test_ubuntu_and_debian_get_the_same_configuration() -> None:
     replaced by the same unbound file as on Debian. Postfix 3.7's own checker (test above) rejects
     any unknown parameter; a parameter only 3.8 knew would fail there."""
     for spam, relay, webmail in product(("spamassassin", "rspamd"), ("ses", "smtp2go", "direct"), (False, True)):
-        debian = render_bundle(settings_for(spam, relay, webmail, image="debian-12-x64"), SECRETS)
-        ubuntu = render_bundle(settings_for(spam, relay, webmail, image="ubuntu-24-04-x64"), SECRETS)
+        debian = render_bundle(settings_for(spam, relay, webmail, image="debian-12-x64"), SECRETS, FACTS)
+        ubuntu = render_bundle(settings_for(spam, relay, webmail, image="ubuntu-24-04-x64"), SECRETS, FACTS)
         assert debian.to_json() == ubuntu.to_json(), f"{spam}-{relay}-{webmail}"
 
 
 def test_changing_one_setting_changes_only_the_files_it_concerns() -> None:
-    before = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
-    after = render_bundle(settings_for("rspamd", "ses", False, messageSizeLimitMb=40), SECRETS)
+    before = render_bundle(settings_for("rspamd", "ses", False), SECRETS, FACTS)
+    after = render_bundle(settings_for("rspamd", "ses", False, messageSizeLimitMb=40), SECRETS, FACTS)
     changed = {f.path for f in after.files if f.content != before.file(f.path).content}
     assert changed == {"/etc/postfix/main.cf"}
 
 
 def test_the_storage_policy_defers_mail_only_while_the_volume_is_full(tmp_path: Path) -> None:
-    bundle = render_bundle(settings_for("spamassassin", "ses", False), SECRETS)
+    bundle = render_bundle(settings_for("spamassassin", "ses", False), SECRETS, FACTS)
     script = bundle.file("/usr/local/sbin/mailroom-storage-policy").content
     assert "RESERVE_BYTES = 104857600" in script  # one message of the largest size limit (100 MB)
     request = "request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=alice@example.net\n\n"
@@ -410,8 +413,8 @@ def test_the_storage_policy_defers_mail_only_while_the_volume_is_full(tmp_path: 
 
 
 def test_the_acme_server_setting_reaches_certbot_and_only_the_certificate_script() -> None:
-    before = render_bundle(settings_for("spamassassin", "ses", False), SECRETS)
-    after = render_bundle(settings_for("spamassassin", "ses", False, acmeServer="letsencrypt-staging"), SECRETS)
+    before = render_bundle(settings_for("spamassassin", "ses", False), SECRETS, FACTS)
+    after = render_bundle(settings_for("spamassassin", "ses", False, acmeServer="letsencrypt-staging"), SECRETS, FACTS)
     changed = {f.path for f in after.files if f.content != before.file(f.path).content}
     assert changed == {"/usr/local/sbin/mailroom-certificate"}
     script = after.file("/usr/local/sbin/mailroom-certificate").content
@@ -422,7 +425,7 @@ def test_the_acme_server_setting_reaches_certbot_and_only_the_certificate_script
 def test_every_file_belongs_to_exactly_one_service() -> None:
     """A changed file must reach exactly one checker and one reload, or the change is never picked up."""
     for spam, relay, webmail in product(("spamassassin", "rspamd"), ("ses", "smtp2go", "direct"), (False, True)):
-        bundle = render_bundle(settings_for(spam, relay, webmail), SECRETS)
+        bundle = render_bundle(settings_for(spam, relay, webmail), SECRETS, FACTS)
         for f in bundle.files:
             owners = [s.name for s in bundle.services if any(f.path.startswith(p) for p in s.paths)]
             assert len(owners) == 1, f"{spam}-{relay}-{webmail}: {f.path} is owned by {owners}"
@@ -434,7 +437,7 @@ def test_every_file_belongs_to_exactly_one_service() -> None:
 @skip_without("postfix")
 def test_postscreen_queries_spamhaus_dqs_without_ever_showing_the_key(tmp_path: Path) -> None:
     settings = settings_for("rspamd", "ses", False, spamhausDqsKey=DQS_KEY)
-    bundle = render_bundle(settings, SECRETS)
+    bundle = render_bundle(settings, SECRETS, FACTS)
     root = materialize(bundle, tmp_path)
     conf = postconf(root)
     assert conf["postscreen_dnsbl_sites"].startswith(f"{DQS_KEY}.zen.dq.spamhaus.net=127.0.0.[2..11]*3")
@@ -451,7 +454,7 @@ def test_postscreen_queries_spamhaus_dqs_without_ever_showing_the_key(tmp_path: 
 
 
 def test_without_a_dqs_key_the_public_zone_is_used_and_main_cf_stays_readable() -> None:
-    bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
+    bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS, FACTS)
     main_cf = bundle.file("/etc/postfix/main.cf")
     assert "postscreen_dnsbl_sites = zen.spamhaus.org=127.0.0.[2..11]*3" in main_cf.content
     assert not main_cf.secret and main_cf.mode == 0o644
@@ -483,7 +486,7 @@ def test_the_host_resolves_through_the_local_validating_resolver(rendered: Rende
 def test_dovecot_waits_for_the_mail_volume() -> None:
     from infra.core.facts import MAIL_DIR
 
-    bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
+    bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS, FACTS)
     drop_in = bundle.file("/etc/systemd/system/dovecot.service.d/mailroom.conf").content
     assert f"RequiresMountsFor={MAIL_DIR}" in drop_in.splitlines()
     (dovecot,) = [s for s in bundle.services if s.name == "dovecot"]
@@ -571,7 +574,7 @@ def test_the_rule_flags_what_has_no_reason() -> None:
 
 @pytest.mark.parametrize(("spam", "relay", "webmail"), COMBINATIONS)
 def test_every_setting_carries_its_reason(spam: str, relay: str, webmail: bool) -> None:
-    files = reasoned_files(render_bundle(settings_for(spam, relay, webmail), SECRETS))
+    files = reasoned_files(render_bundle(settings_for(spam, relay, webmail), SECRETS, FACTS))
     problems = [f"{path}:{p}" for path, (content, marker) in files.items() for p in unreasoned(content, marker)]
     assert not problems, "\n".join(problems)
     # The rule holds for real: deleting any one reason (a run of comment lines opening settings)
@@ -602,7 +605,7 @@ def test_every_setting_carries_its_reason(spam: str, relay: str, webmail: bool) 
 
 
 def test_journald_and_logrotate_cap_the_logs_for_a_25_gb_disk() -> None:
-    bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS)
+    bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS, FACTS)
     journald = bundle.file("/etc/systemd/journald.conf.d/mailroom.conf").content
     settings = [line for line in journald.splitlines() if line and not line.startswith("#")]
     assert settings == ["[Journal]", "SystemMaxUse=500M", "MaxRetentionSec=1month"]
@@ -679,7 +682,7 @@ def test_a_setting_in_a_root_script_is_one_word_whatever_it_holds(tmp_path: Path
     hostile = "`touch ran-backticks`ops@example.org"
     acme = "https://acme.example.org/$(touch ran-dollar)/directory"
     settings = dataclasses.replace(parse_settings(stack_config("dev")), alert_email=hostile, acme_server=acme)
-    script = render_bundle(settings, generated_secrets()).file("/usr/local/sbin/mailroom-certificate").content
+    script = render_bundle(settings, generated_secrets(), FACTS).file("/usr/local/sbin/mailroom-certificate").content
     start = script.index("certbot certonly")
     command = script[start : script.index(">/dev/null", start)]
     stub = 'certbot() { printf "%s\\n" "$@"; }\n'

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from infra.core.dns import Facts
 from infra.core.facts import BOOTSTRAP_MARKER, MAIL_DIR, MOUNT_VOLUME_SCRIPT
 from infra.core.modes import packages
 from infra.core.render import render_bundle
@@ -34,6 +35,8 @@ from infra.tools.stand_ins import generated_secrets
 
 IMAGES = ("ubuntu-24-04-x64", "debian-12-x64")
 SECRETS = generated_secrets()
+# Deploy-time facts for the status check's expected records (documentation addresses).
+FACTS = Facts("198.51.100.10", "2001:db8::10", "AAAA", ("token0", "token1", "token2"))
 
 
 def settings_for(**overrides: Any) -> Settings:
@@ -121,7 +124,7 @@ def test_the_packages_of_the_chosen_modes_come_from_the_distribution(
     assert wanted in document["packages"] and unwanted not in document["packages"]
     assert ("roundcube-core" in document["packages"]) is webmail
     # What the bundle will need is already there after the bootstrap: no apt run on first apply.
-    assert set(render_bundle(settings, SECRETS).packages) <= set(document["packages"])
+    assert set(render_bundle(settings, SECRETS, FACTS).packages) <= set(document["packages"])
     # Nothing is fetched and piped into a shell: every command is a plain list.
     commands = [" ".join(c) if isinstance(c, list) else c for c in document["runcmd"]]
     assert not [c for c in commands if "curl" in c or "wget" in c]

@@ -64,7 +64,7 @@ class LabCA:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -74,8 +74,10 @@ class LabCA:
         _write_key(self._key_path, key)
         self.certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, label: str, names: Sequence[str], addresses: Sequence[str] = ()) -> IssuedCertificate:
-        """A server certificate for NAMES (and IP addresses), written as LABEL.crt / LABEL.key."""
+    def issue(
+        self, label: str, names: Sequence[str], addresses: Sequence[str] = (), days: int = VALID_DAYS
+    ) -> IssuedCertificate:
+        """A server certificate for NAMES (and IP addresses), valid DAYS more days, written as LABEL.crt / LABEL.key."""
         now = datetime.datetime.now(datetime.UTC)
         key = ec.generate_private_key(ec.SECP256R1())
         alternative: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
@@ -87,7 +89,7 @@ class LabCA:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(alternative), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

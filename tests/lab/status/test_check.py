@@ -1,0 +1,297 @@
+"""The status check against the running lab: all ok on a healthy lab, and each check fails for
+the right reason, with its fix, on a fault planted in the lab (and put back after). Then the
+daily timer: one mail on the first run and on a change, none when nothing changed."""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dns.reversename
+import pytest
+
+from infra.core.facts import MAIL_DIR, PROJECT_DIR
+from infra.core.settings import parse_settings
+from infra.core.stack import stack_config
+from infra.lab import state
+from infra.lab.host import guest
+from infra.lab.state import STATE_DIR
+from infra.lab.world.pki import LabCA
+from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6
+from tests.support.lab import LAB_MARKS
+from tests.support.wait import wait_for
+
+pytestmark = LAB_MARKS
+
+
+def run_check(*args: str) -> tuple[int, str]:
+    """`python -m infra check --lab ARGS` as the owner runs it: its exit status and what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "infra", "check", "--lab", *args],
+        capture_output=True, text=True, check=False, timeout=300, cwd=PROJECT_DIR,
+    )  # fmt: skip
+    assert not done.stderr.strip(), done.stderr
+    return done.returncode, done.stdout
+
+
+def entry(output: str, group: str, name: str) -> str:
+    """The line (and its fix line) of check NAME in GROUP."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        words = line.split(None, 2)
+        if len(words) == 3 and words[1] == group and words[2].startswith(f"{name}:"):
+            fix = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].startswith(" ") else ""
+            return f"{line}\n{fix}".strip()
+    raise AssertionError(f"no line for {group} {name} in:\n{output}")
+
+
+def on_host(command: str) -> str:
+    done = guest(command)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@contextmanager
+def zone_changed(lab: state.LabInfo, add: str = "", remove: str = "") -> Iterator[None]:
+    """The lab DNS's zone with a line added or removed, as someone editing records by hand would."""
+    path = Path(lab.zone)
+    original = path.read_text()
+    lines = original.splitlines()
+    if remove:
+        assert any(remove in " ".join(line.split()) for line in lines), remove
+        lines = [line for line in lines if remove not in " ".join(line.split())]
+    _write_zone(path, "\n".join([*lines, add]) + "\n")
+    try:
+        yield
+    finally:
+        _write_zone(path, original)
+
+
+def _write_zone(path: Path, text: str) -> None:
+    before = path.stat().st_mtime_ns
+    path.write_text(text)
+    stamp = max(path.stat().st_mtime_ns, before + 1_000_000)
+    os.utime(path, ns=(stamp, stamp))  # the DNS stand-in re-reads on a changed mtime
+
+
+@contextmanager
+def host_file_saved(*paths: str) -> Iterator[None]:
+    """Files on the host restored exactly (content, mode, owner) after the test changed them."""
+    for p in paths:
+        on_host(f"sudo cp -p {p} {p}.check-saved")
+    try:
+        yield
+    finally:
+        for p in paths:
+            on_host(f"sudo mv {p}.check-saved {p}")
+
+
+def test_a_healthy_lab_checks_ok_and_prints_no_secret(lab: state.LabInfo) -> None:
+    code, output = run_check()
+    assert code == 0, output
+    assert output.rstrip().splitlines()[-1].startswith("0 failure(s), 0 warning(s),")
+    for group in ("dns", "addresses", "tls", "blocklists", "relay", "server"):
+        assert f" {group} " in output
+    code, as_json = run_check("--json")
+    document = json.loads(as_json)
+    assert code == 0 and document["status"] == "ok"
+    assert {r["status"] for r in document["results"]} == {"ok"}
+    secrets = [p.read_text().strip() for p in (STATE_DIR / "ses-password", STATE_DIR / "cloudflare-token")]
+    secrets += list(lab.passwords.values())
+    assert all(s and s not in output and s not in as_json for s in secrets)
+
+
+def test_a_removed_record_fails_with_the_record_to_set(lab: state.LabInfo) -> None:
+    with zone_changed(lab, remove="IN MX 10 mail.example.net."):
+        code, output = run_check("--only", "dns")
+    assert code == 2
+    line = entry(output, "dns", "MX example.net")
+    assert line.startswith("FAILURE  dns        MX example.net: 10 mail.example.net. expected (absent)")
+    assert "fix: set the record `example.net MX 10 mail.example.net.` at Cloudflare" in line
+
+
+def test_a_changed_dkim_record_fails_showing_what_it_has(lab: state.LabInfo) -> None:
+    old = 'mail._domainkey.example.net. 300 IN TXT "v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAold"'
+    with zone_changed(lab, add=old, remove="mail._domainkey.example.net."):
+        code, output = run_check("--only", "dns")
+    assert code == 2
+    line = entry(output, "dns", "TXT mail._domainkey.example.net")
+    assert (
+        line.startswith("FAILURE")
+        and '(it has "v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAold")' in line
+    )
+
+
+def test_a_second_spf_record_fails_as_permerror(lab: state.LabInfo) -> None:
+    with zone_changed(lab, add='example.net. 300 IN TXT "v=spf1 a -all"'):
+        code, output = run_check("--only", "dns")
+    assert code == 2
+    line = entry(output, "dns", "TXT example.net")
+    assert "a second SPF record makes SPF fail for every message (permerror)" in line
+    assert 'fix: delete `example.net TXT "v=spf1 a -all"` at Cloudflare' in line
+
+
+def test_a_missing_ipv6_ptr_fails(lab: state.LabInfo) -> None:
+    with zone_changed(lab, remove=str(dns.reversename.from_address(DROPLET_IPV6))):
+        code, output = run_check("--only", "addresses")
+    assert code == 2
+    line = entry(output, "addresses", "IPv6 PTR")
+    assert line.startswith(f"FAILURE  addresses  IPv6 PTR: {DROPLET_IPV6} points back to none, not mail.example.net")
+    assert "the droplet must be named mail.example.net" in line
+    assert entry(output, "addresses", "IPv4 PTR").startswith("OK")
+
+
+def test_a_listed_address_fails_and_the_public_resolver_answer_is_not_a_listing(lab: state.LabInfo) -> None:
+    reversed_v4 = ".".join(reversed(DROPLET_IPV4.split(".")))
+    with zone_changed(lab, add=f"{reversed_v4}.zen.spamhaus.org. 300 IN A 127.0.0.4"):
+        code, output = run_check("--only", "blocklists")
+    assert code == 2
+    line = entry(output, "blocklists", f"IPv4 {DROPLET_IPV4} on Spamhaus ZEN")
+    assert line.startswith("FAILURE") and "listed (127.0.0.4)" in line and "https://check.spamhaus.org/" in line
+    with zone_changed(lab, add=f"{reversed_v4}.zen.spamhaus.org. 300 IN A 127.255.255.254"):
+        code, output = run_check("--only", "blocklists")
+    assert code == 1
+    line = entry(output, "blocklists", f"IPv4 {DROPLET_IPV4} on Spamhaus ZEN")
+    assert line.startswith("WARNING") and "public resolver" in line and "listed (" not in line
+
+
+def test_a_changed_mta_sts_policy_fails(lab: state.LabInfo) -> None:
+    policy = "/var/www/mailroom/mta-sts/.well-known/mta-sts.txt"
+    with host_file_saved(policy):
+        on_host(f"sudo sed -i 's/^mode: .*/mode: none/' {policy}")
+        code, output = run_check("--only", "dns")
+    assert code == 2
+    line = entry(output, "dns", "MTA-STS policy")
+    assert line.startswith("FAILURE") and "mode none" in line and "is not the program's" in line
+
+
+def test_an_expiring_certificate_and_a_different_one_on_993_fail(lab: state.LabInfo) -> None:
+    """A valid certificate 5 days from expiry installed and taken up by every daemon but Dovecot."""
+    issued = LabCA(STATE_DIR / "pki").issue("expiring", ["mail.example.net"], days=5)
+    tls = "/etc/mailroom/tls"
+    try:
+        with host_file_saved(f"{tls}/fullchain.pem", f"{tls}/privkey.pem"):
+            for local, remote in ((issued.certificate, "fullchain.pem"), (issued.key, "privkey.pem")):
+                done = subprocess.run(
+                    [*state_ssh(lab), f"sudo tee {tls}/{remote} >/dev/null"], input=local.read_text(),
+                    capture_output=True, text=True, check=False, timeout=60,
+                )  # fmt: skip
+                assert done.returncode == 0, done.stderr
+            on_host("sudo postfix reload && sudo systemctl reload nginx")
+            code, output = run_check("--only", "tls", "--only", "server")
+    finally:  # the saved files are back: every daemon serves them again
+        on_host("sudo postfix reload && sudo systemctl reload nginx")
+    assert code == 2
+    assert entry(output, "tls", "port 25 STARTTLS").startswith("FAILURE  tls        port 25 STARTTLS: valid for")
+    assert "4 days left" in entry(output, "tls", "port 465") or "5 days left" in entry(output, "tls", "port 465")
+    assert entry(output, "tls", "port 993").startswith("OK")
+    line = entry(output, "tls", "one certificate")
+    assert "port(s) 993 serve a different certificate from port(s) 25, 465, 587, 443" in line
+    assert entry(output, "server", "certificate").startswith("FAILURE  server     certificate: expires in")
+    code, output = run_check("--only", "tls")
+    assert code == 0, output
+
+
+def state_ssh(lab: state.LabInfo) -> list[str]:
+    from infra.lab.host import ssh_argv
+
+    return ssh_argv(lab, "")[:-1]
+
+
+def test_the_relay_refusing_the_password_fails(lab: state.LabInfo) -> None:
+    mode = Path(lab.ses_spool) / "mode"
+    mode.write_text("refuse-login")
+    try:
+        code, output = run_check("--only", "relay")
+    finally:
+        mode.unlink()
+    assert code == 2
+    line = entry(output, "relay", "login")
+    assert "email-smtp.us-east-1.amazonaws.com refused the server's login (535)" in line
+    assert "fix: run `pulumi up` to send the current credentials" in line
+
+
+def test_a_nearly_full_volume_fails(lab: state.LabInfo) -> None:
+    fill = f"{MAIL_DIR}/.check-fill"
+    # Leave 8 % of the volume free (the failure limit is 10 %).
+    grow = (
+        f"import os; s = os.statvfs('{MAIL_DIR}'); print(s.f_bavail * s.f_frsize - int(0.08 * s.f_blocks * s.f_frsize))"
+    )
+    try:
+        size = int(on_host(f'sudo python3 -c "{grow}"').strip())
+        on_host(f"sudo fallocate -l {size} {fill}")
+        code, output = run_check("--only", "server")
+    finally:
+        on_host(f"sudo rm -f {fill}")
+    assert code == 2
+    line = entry(output, "server", "mail volume")
+    assert line.startswith("FAILURE  server     mail volume: 8 % free of") or " 7 % free" in line
+    assert "raise volumeSizeGb" in line
+
+
+def test_a_stopped_spam_filter_fails_naming_it(lab: state.LabInfo) -> None:
+    unit = "rspamd" if lab.overrides.get("spamFilter") == "rspamd" else "spamd"
+    on_host(f"sudo systemctl stop {unit}")
+    try:
+        code, output = run_check("--only", "server")
+    finally:
+        on_host(f"sudo systemctl start {unit}")
+    assert code == 2
+    line = entry(output, "server", "daemons")
+    assert line.startswith(f"FAILURE  server     daemons: not running: {unit}")
+    assert f"fix: sudo systemctl restart {unit}" in line
+    wait_for(lambda: guest(f"systemctl is-active --quiet {unit}").returncode == 0, 60, 1, f"{unit} back")
+
+
+def status_mails(lab: state.LabInfo) -> list[email.message.Message]:
+    found = []
+    for path in sorted(Path(lab.ses_spool).glob("*.eml")):
+        message = email.message_from_bytes(path.read_bytes())
+        if str(message.get("Subject", "")).startswith("mailroom status of"):
+            found.append(message)
+    return found
+
+
+def test_the_daily_check_mails_the_owner_once_per_change(lab: state.LabInfo) -> None:
+    assert on_host("systemctl is-enabled mailroom-status.timer").strip() == "enabled"
+    on_host("sudo rm -f /var/lib/mailroom/status-last.json")
+    before = len(status_mails(lab))
+
+    def daily() -> None:
+        on_host("sudo systemctl start mailroom-status.service")
+
+    daily()  # the first run: every line is new
+    first = wait_for(lambda: status_mails(lab)[before:] or None, 60, 1, "the first status mail")
+    assert len(first) == 1 and first[0]["To"] == parse_settings(stack_config(lab.stack, lab.overrides)).alert_email
+    daily()  # nothing changed
+    time.sleep(5)
+    assert len(status_mails(lab)) == before + 1
+    unit = "rspamd" if lab.overrides.get("spamFilter") == "rspamd" else "spamd"
+    on_host(f"sudo systemctl stop {unit}")
+    try:
+        daily()
+    finally:
+        on_host(f"sudo systemctl start {unit}")
+    # Under rspamd the milter signs local mail too: sendmail's message waits in the maildrop until
+    # rspamd is back, and pickup takes it up within a minute.
+    changed = wait_for(lambda: status_mails(lab)[before + 1 :] or None, 180, 1, "the mail of the change")
+    body = changed[0].get_payload(decode=True).decode()
+    assert changed[0]["Subject"].endswith("1 failure(s), 0 warning(s)")
+    assert body.splitlines()[2].startswith(f"FAILURE  server     daemons: not running: {unit}")
+    secrets = [p.read_text().strip() for p in (STATE_DIR / "ses-password", STATE_DIR / "cloudflare-token")]
+    assert not any(s in body for s in secrets)
+    wait_for(lambda: guest(f"systemctl is-active --quiet {unit}").returncode == 0, 60, 1, f"{unit} back")
+
+
+@pytest.fixture(autouse=True)
+def _healthy_after(lab: state.LabInfo) -> Iterator[None]:
+    """Each test leaves the lab as it found it: nothing planted survives into the next."""
+    yield
+    assert not (Path(lab.ses_spool) / "mode").exists()
