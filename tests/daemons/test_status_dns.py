@@ -153,7 +153,10 @@ def test_a_listed_address_fails_and_spamhaus_error_answers_are_not_listings(
     assert "https://check.spamhaus.org/" in listed.fix
     public = lines["example.net on the Spamhaus DBL"]
     assert public.status == "warning"
-    assert public.detail == "not known: Spamhaus answered the query came through a public resolver, which Spamhaus does not answer"
+    assert (
+        public.detail
+        == "not known: Spamhaus answered the query came through a public resolver, which Spamhaus does not answer"
+    )
     assert lines[f"IPv6 {IPV6} on Spamhaus ZEN"].status == "ok"
 
 
@@ -188,4 +191,3 @@ def test_thresholds_grade_figures() -> None:
     assert graded("server", "q", 30, (1, 24), "d", "f", low_is_bad=False).status == "failure"
     memory = check.status.check_memory("MemTotal: 1000 kB\nMemAvailable: 40 kB\nSwapTotal: 100 kB\nSwapFree: 90 kB\n")
     assert [r.status for r in memory] == ["failure", "ok"]
-

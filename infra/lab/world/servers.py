@@ -12,7 +12,8 @@ policy (the document the program declares), it refuses, as SES does with "554 Ac
 message whose From (header, or envelope sender) the policy's `ses:FromAddress` condition does not
 allow; each refusal is logged to DIR/refused.jsonl. Writing `4xx` or `5xx` into DIR/mode
 makes it answer 451 / 554 to recipients; `away` closes its port (connection refused) until the
-mode changes again; `refuse-login` answers every login 535, as SES does once the key is gone; stopping the process takes it away for good.
+mode changes again; `refuse-login` answers every login 535, as SES does once the key is gone;
+stopping the process takes it away for good.
 
 `python -m infra.lab.world.servers cloudflare DIR ADDRESS ZONE TOKEN_FILE CERT KEY [NETWORKS_FILE]`
 answers as api.cloudflare.com for the few calls certbot's dns-cloudflare plugin makes (find the
