@@ -193,7 +193,7 @@ def run_steps(info: LabInfo, steps: Sequence[Step]) -> list[dict[str, Any]]:
         started = time.monotonic()
         result = run_steps_result(info, step)
         outcome = {"name": step.name, "exit": result.returncode, "seconds": round(time.monotonic() - started, 1),
-                   "stdout": result.stdout.strip()[-2000:], "stderr": result.stderr.strip()[-2000:]}  # fmt: skip
+                   "stdout": result.stdout.strip()[-20000:], "stderr": result.stderr.strip()[-2000:]}  # fmt: skip
         results.append(outcome)
         if result.returncode != 0:
             raise LabError(f"remote command {step.name} failed (exit {result.returncode}):\n{outcome['stderr']}")
