@@ -242,10 +242,10 @@ def spf_checks(target: Target) -> list[Any]:
 
 def _https_get(target: Target, name: str, path: str) -> tuple[int, str]:
     """GET https://NAME/PATH, NAME resolved through the target's resolver, the certificate verified."""
-    addresses = status.lookup(_resolver(target), name, "A") or []
-    cname = status.lookup(_resolver(target), name, "CNAME") or []
-    if not addresses and cname:
-        addresses = status.lookup(_resolver(target), cname[0], "A") or []
+    resolver = _resolver(target)
+    addresses = status.lookup(resolver, name, "A") or []
+    if not addresses and (cname := status.lookup(resolver, name, "CNAME")):
+        addresses = status.lookup(resolver, cname[0], "A") or []
     if not addresses:
         raise OSError(f"{name} has no address")
     with (
