@@ -11,17 +11,19 @@ Installed by the bundle at /usr/local/lib/mailroom/status.py, with what to expec
     status.py show             the same checks as `daily`, printed, nothing mailed or remembered
 
 The operator's `python -m infra check` imports this file for the model and the DNS comparison,
-and runs `status.py server` over SSH for the inside. Standard library only, and dnspython (Debian's
-python3-dnspython) for DNS. Nothing here prints a secret: the relay's password is read from
-Postfix's sasl_passwd and only ever sent to the relay.
+and runs `status.py server` over SSH for the inside. Standard library only, dnspython (Debian's
+python3-dnspython) for DNS and dkimpy (python3-dkim) for the DKIM probe. Nothing here prints a
+secret: the relay's password is read from Postfix's sasl_passwd and only ever sent to the relay.
 """
 
 from __future__ import annotations
 
 import datetime
 import email.message
+import email.utils
 import json
 import os
+import re
 import smtplib
 import socket
 import ssl
@@ -40,7 +42,8 @@ SASL_PASSWD = Path("/etc/postfix/sasl_passwd")
 CERTIFICATE = Path("/etc/mailroom/tls/fullchain.pem")
 
 OK, WARNING, FAILURE = "ok", "warning", "failure"
-EXIT_CODES = {OK: 0, WARNING: 1, FAILURE: 2}
+SKIPPED = "skipped"  # not checked, for a reason the line gives (no credentials, not this mode)
+EXIT_CODES = {OK: 0, SKIPPED: 0, WARNING: 1, FAILURE: 2}
 GROUPS = ("dns", "addresses", "tls", "blocklists", "relay", "server")
 
 # Thresholds: (warn below/above, fail below/above).
@@ -89,10 +92,11 @@ def exit_code(results: Iterable[Result]) -> int:
 
 def report(results: Sequence[Result]) -> str:
     """The lines, grouped in GROUPS order, failures and warnings first within a group."""
-    rank = {FAILURE: 0, WARNING: 1, OK: 2}
+    rank = {FAILURE: 0, WARNING: 1, OK: 2, SKIPPED: 3}
     ordered = sorted(results, key=lambda r: (GROUPS.index(r.group) if r.group in GROUPS else 99, rank[r.status]))
     counts = Counter(r.status for r in results)
     summary = f"{counts[FAILURE]} failure(s), {counts[WARNING]} warning(s), {counts[OK]} ok"
+    summary += f", {counts[SKIPPED]} skipped" if counts[SKIPPED] else ""
     return "\n".join([*(r.line() for r in ordered), summary]) + "\n"
 
 
@@ -536,6 +540,95 @@ def dkim_public_key(key_path: str) -> str:
     return "".join(line for line in done.stdout.splitlines() if not line.startswith("-----"))
 
 
+def dkim_signed_sample(config: dict[str, Any], now: float | None = None) -> str:
+    """A short message signed with the key file the signer uses (dkimpy); it is never sent.
+
+    Verifying it against the live DNS proves what a receiver would see: the published key is the
+    signer's, parses, and the selector and domain are the ones the signer puts in d= and s=."""
+    import dkim
+
+    domain = config["domain"]
+    when = email.utils.formatdate(now, localtime=False)
+    message = (
+        f"From: mailroom status <postmaster@{domain}>\r\nTo: postmaster@{domain}\r\n"
+        f"Subject: mailroom DKIM probe\r\nDate: {when}\r\n"
+        f"Message-ID: <dkim-probe.{int(time.time())}@{config['host']}>\r\n\r\n"
+        "Signed by the status check to prove the published DKIM key; never sent.\r\n"
+    ).encode()
+    signature: bytes = dkim.sign(
+        message,
+        config["dkim_selector"].encode(),
+        domain.encode(),
+        Path(config["dkim_key"]).read_bytes(),
+        include_headers=[b"From", b"To", b"Subject", b"Date", b"Message-ID"],
+    )
+    return (signature + message).decode()
+
+
+def check_dkim_signature(signed: str, resolver: Any) -> Result:
+    """Verify SIGNED (dkimpy) with the key its d= and s= name, fetched through RESOLVER."""
+    import logging
+
+    import dkim
+    import dns.exception
+    import dns.resolver
+
+    def txt(name: bytes, timeout: float = 5) -> bytes | None:
+        try:
+            answer = resolver.resolve(name.decode().rstrip("."), "TXT", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
+            raise dkim.DnsTimeoutError(str(exc)) from exc
+        return b"".join(b"".join(r.strings) for r in answer)
+
+    reasons: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            reasons.append(record.getMessage())
+
+    logger = logging.getLogger("mailroom.dkim")
+    logger.propagate = False
+    logger.handlers = [Collect()]
+    message = signed.encode()
+    verifier = dkim.DKIM(message, logger=logger)
+    verified = verifier.verify(dnsfunc=txt)
+    header = " ".join(str(email.message_from_bytes(message).get("DKIM-Signature", "")).split())
+    tags = dict(part.strip().split("=", 1) for part in header.split(";") if "=" in part)
+    where = f"{tags.get('s', '?')}._domainkey.{tags.get('d', '?')}"
+    if verified:
+        return ok("dns", "DKIM signature", f"a fresh signature by the server's key verifies with the key at {where}")
+    # dkimpy's messages show names as bytes (b'...'): shown as the names they are.
+    why = re.sub(r"b'([^']*)'", r"\1", reasons[-1]) if reasons else "the signature does not match the published key"
+    return Result(
+        "dns",
+        "DKIM signature",
+        FAILURE,
+        f"a message signed by the server's key does not verify with {where}: {why}",
+        "receivers treat the mail as unsigned: set the DKIM record as `python -m infra zone` prints it, "
+        "or run `pulumi up`",
+    )
+
+
+def dns_side(config: dict[str, Any], resolver: Any) -> list[Result]:
+    """The daily run's DNS part: the records, and a fresh DKIM signature checked against them."""
+    results = check_records(config["records"], resolver)
+    try:
+        results.append(check_dkim_signature(dkim_signed_sample(config), resolver))
+    except Exception as exc:  # no python3-dkim yet, an unreadable key: say so, keep the rest
+        results.append(
+            Result(
+                "dns",
+                "DKIM signature",
+                WARNING,
+                f"no probe signature: {exc.__class__.__name__}: {exc}",
+                "run `pulumi up`: it installs python3-dkim and the key",
+            )
+        )
+    return results
+
+
 def server_checks(config: dict[str, Any]) -> list[Result]:
     checks: list[Callable[[], list[Result]]] = [
         lambda: check_daemons(config["units"]),
@@ -584,7 +677,7 @@ def changed_lines(before: Sequence[Result], after: Sequence[Result]) -> list[str
 
 
 def daily(config: dict[str, Any], state: Path = STATE) -> int:
-    results = server_checks(config) + check_records(config["records"], resolver_for(None))
+    results = server_checks(config) + dns_side(config, resolver_for(None))
     before = from_json(json.loads(state.read_text())) if state.exists() else []
     changed = changed_lines(before, results)
     if changed:
@@ -612,16 +705,21 @@ def main(argv: Sequence[str]) -> int:
     config = json.loads(CONFIG.read_text())
     if command == "server":
         results = server_checks(config)
-        print(
-            json.dumps(
-                {"results": [asdict(r) for r in results], "dkim_public_key": dkim_public_key(config["dkim_key"])}
-            )
-        )
+        try:
+            sample = dkim_signed_sample(config)
+        except Exception as exc:  # the operator's side says the probe is missing, and why
+            sample = f"error: {exc.__class__.__name__}: {exc}"
+        answer = {
+            "results": [asdict(r) for r in results],
+            "dkim_public_key": dkim_public_key(config["dkim_key"]),
+            "dkim_signed": sample,
+        }
+        print(json.dumps(answer))
         return 0
     if command == "daily":
         return daily(config)
     if command == "show":
-        results = server_checks(config) + check_records(config["records"], resolver_for(None))
+        results = server_checks(config) + dns_side(config, resolver_for(None))
         print(report(results), end="")
         return exit_code(results)
     print(f"usage: {Path(sys.argv[0]).name} server|daily|show", file=sys.stderr)

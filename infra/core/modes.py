@@ -78,8 +78,9 @@ BASE = (
     "logrotate",
     "ca-certificates",
     "python3",
-    # The daily status check's DNS queries (/usr/local/lib/mailroom/status.py).
+    # The daily status check's DNS queries and its DKIM probe (/usr/local/lib/mailroom/status.py).
     "python3-dnspython",
+    "python3-dkim",
 )
 
 # Files of the common layer that hold a secret.

@@ -271,6 +271,7 @@ def status_config(settings: Settings, facts: Facts) -> dict[str, Any]:
         "jails": list(FAIL2BAN_JAILS),
         "mail_dir": MAIL_DIR,
         "dkim_key": chosen(settings)[0].dkim_key.format(selector=settings.dkim_selector),
+        "dkim_selector": settings.dkim_selector,
         "relay": {"host": host, "port": RELAY_PORT} if host else None,
         "records": [asdict(r) for r in records(settings, facts)],
     }

@@ -79,6 +79,7 @@ class Target:
     resolver_port: int = 53
     ca_file: str | None = None  # None: the system's trusted roots
     ssh: list[str] = field(default_factory=list)  # argv before the remote command; [] = skip the inside
+    aws: bool = True  # ask SES's API (with the environment's AWS credentials) for the account and identity
     timeout: float = 15
 
     @classmethod
@@ -123,8 +124,9 @@ def _context(target: Target) -> ssl.SSLContext:
 # The server's inside, over SSH.
 
 
-def inside(target: Target) -> tuple[list[Any], str | None]:
-    """The server's own checks and its DKIM public key; a failure line when SSH does not work."""
+def inside(target: Target) -> tuple[list[Any], dict[str, str]]:
+    """The server's own checks, its DKIM public key and a probe signed by it (`status.py server`);
+    a failure line when SSH does not work."""
     if not target.ssh:
         return [
             Result(
@@ -134,7 +136,7 @@ def inside(target: Target) -> tuple[list[Any], str | None]:
                 "not checked: no SSH access given",
                 "run check with SSH access to the server (--ssh-user, --ssh-key)",
             )
-        ], None
+        ], {}
     done = subprocess.run(
         [*target.ssh, f"sudo python3 {STATUS_PATH} server"], capture_output=True, text=True, check=False, timeout=300
     )
@@ -149,9 +151,10 @@ def inside(target: Target) -> tuple[list[Any], str | None]:
                 f"ssh to {target.settings.admin_user}@{target.settings.host_name} must work with your key; "
                 "if status.py is missing, `pulumi up` installs it",
             )
-        ], None
+        ], {}
     answer = json.loads(done.stdout)
-    return status.from_json(answer["results"]), answer.get("dkim_public_key") or None
+    keys = ("dkim_public_key", "dkim_signed")
+    return status.from_json(answer["results"]), {k: str(answer[k]) for k in keys if answer.get(k)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,8 +167,12 @@ def expected_records(target: Target, dkim_key: str | None) -> list[dict[str, Any
     return [r for r in out if dkim_key or r["key"] != "dkim"]
 
 
-def dns_checks(target: Target, dkim_key: str | None) -> list[Any]:
-    results = list(status.check_records(expected_records(target, dkim_key), _resolver(target)))
+def dns_checks(target: Target, server: dict[str, str]) -> list[Any]:
+    """SERVER: what `status.py server` told of the DKIM key ({} when the inside was not reached)."""
+    dkim_key = server.get("dkim_public_key")
+    resolver = _resolver(target)
+    results = list(status.check_records(expected_records(target, dkim_key), resolver))
+    signed = server.get("dkim_signed", "")
     if dkim_key is None:
         results.append(
             Result(
@@ -176,9 +183,78 @@ def dns_checks(target: Target, dkim_key: str | None) -> list[Any]:
                 "let check reach the server over SSH; it reads the key the signer uses",
             )
         )
+    elif signed.startswith("DKIM-Signature:"):
+        results.append(status.check_dkim_signature(signed, resolver))
+    else:
+        results.append(
+            Result(
+                "dns",
+                "DKIM signature",
+                WARNING,
+                f"the server signed no probe message ({signed or 'no answer'})",
+                "run `pulumi up`: it installs python3-dkim, which the probe needs",
+            )
+        )
+    results += stray_selector_checks(target)
     results += spf_checks(target)
+    results.append(dmarc_check(target))
     results.append(mta_sts_check(target))
     return results
+
+
+# Selectors other signers commonly publish: a key left at one of them from an old server or
+# provider still lets whoever holds its private half sign as the domain.
+COMMON_SELECTORS = ("default", "mail", "dkim", "selector1", "selector2", "s1", "s2", "k1", "google", "smtp")
+
+
+def stray_selector_checks(target: Target) -> list[Any]:
+    s = target.settings
+    resolver = _resolver(target)
+    results = []
+    for selector in COMMON_SELECTORS:
+        if selector == s.dkim_selector:
+            continue
+        name = f"{selector}._domainkey.{s.domain}"
+        keys = [t for t in status.lookup(resolver, name, "TXT") or [] if "p=" in t and "p=;" not in t.replace(" ", "")]
+        if keys:
+            results.append(
+                Result(
+                    "dns",
+                    f"TXT {name}",
+                    WARNING,
+                    f"a DKIM key the program does not declare (the program signs with {s.dkim_selector})",
+                    f"if no other service sends mail as {s.domain} with the selector {selector}, delete "
+                    f"`{name} TXT` at Cloudflare: whoever holds its private key can sign as the domain",
+                )
+            )
+    return results
+
+
+def dmarc_check(target: Target) -> Any:
+    """The published DMARC policy read as a receiver does, and how each path aligns with it."""
+    s = target.settings
+    name = f"_dmarc.{s.domain}"
+    found = [t.strip('"') for t in status.lookup(_resolver(target), name, "TXT") or []]
+    policies = [t for t in found if t.startswith("v=DMARC1")]
+    if len(policies) != 1:
+        why = "no DMARC record" if not policies else f"{len(policies)} DMARC records (receivers then ignore all)"
+        return Result(
+            "dns",
+            "DMARC",
+            FAILURE,
+            f"{why} at {name}: receivers apply no policy and send no reports",
+            "set the DMARC record as `python -m infra zone` prints it, or run `pulumi up`",
+        )
+    tags = dict(part.strip().split("=", 1) for part in policies[0].split(";") if "=" in part)
+    policy = tags.get("p", "?")
+    if s.relay is Relay.SES:
+        spf_path = f"SPF aligns through SES's MAIL FROM {MAIL_FROM_LABEL}.{s.domain} (relaxed)"
+    else:
+        spf_path = f"SPF aligns (MAIL FROM {s.domain})"
+    detail = f"p={policy}, reports to {tags.get('rua', 'nobody')}; DKIM aligns (d={s.domain}); {spf_path}"
+    if policy not in ("quarantine", "reject", "none"):
+        return Result("dns", "DMARC", FAILURE, detail, "the p= tag must be none, quarantine or reject")
+    return Result("dns", "DMARC", OK, detail)
 
 
 def _spf_sample_address(resolver: Any, domain: str, depth: int = 0) -> str | None:
@@ -490,17 +566,180 @@ def blocklist_checks(target: Target) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# SES's side of the relay, through its API with the operator's AWS credentials.
+
+SES_PRODUCTION_ACCESS = "https://docs.aws.amazon.com/ses/latest/dg/request-production-access.html"
+
+
+def ses_checks(target: Target) -> list[Any]:
+    """The identity verified, Easy DKIM and the MAIL FROM domain SUCCESS, the account out of the
+    sandbox and sending (boto3's sesv2 GetAccount and GetEmailIdentity); skipped without credentials."""
+    s = target.settings
+    if s.relay is not Relay.SES:
+        return []
+    if not target.aws:
+        return [
+            Result(
+                "relay",
+                "SES account",
+                status.SKIPPED,
+                "SES's side was not checked (--no-aws, or the lab, which stands in for SES's SMTP only)",
+                "run check without --no-aws, with the AWS credentials `pulumi up` uses",
+            )
+        ]
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    session = boto3.session.Session(region_name=s.ses_region)
+    if session.get_credentials() is None:
+        return [
+            Result(
+                "relay",
+                "SES account",
+                status.SKIPPED,
+                "SES's side was not checked: no AWS credentials here",
+                "to check it too, run with the AWS credentials `pulumi up` uses (AWS_PROFILE, or "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+            )
+        ]
+    config = botocore.config.Config(
+        connect_timeout=target.timeout, read_timeout=target.timeout, retries={"max_attempts": 2}
+    )
+    client = session.client("sesv2", config=config)
+    where = f"SES in {s.ses_region}"
+    results: list[Any] = []
+    try:
+        results += _ses_account(client.get_account(), where)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        results.append(_ses_unreadable("SES account", where, exc))
+    try:
+        identity = client.get_email_identity(EmailIdentity=s.domain)
+    except client.exceptions.NotFoundException:
+        results.append(
+            Result(
+                "relay",
+                "SES identity",
+                FAILURE,
+                f"{where} has no identity for {s.domain}: it refuses every message from the domain",
+                f"run `pulumi up` (it creates the identity), with sesRegion {s.ses_region}",
+            )
+        )
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        results.append(_ses_unreadable("SES identity", where, exc))
+    else:
+        results += _ses_identity(identity, s.domain, f"{MAIL_FROM_LABEL}.{s.domain}", where)
+    return results
+
+
+def _ses_unreadable(name: str, where: str, exc: Exception) -> Any:
+    error = getattr(exc, "response", {}).get("Error", {})
+    why = f"{error.get('Code', '?')}: {error.get('Message', '')}" if error else str(exc)
+    why = (why.strip().splitlines() or ["?"])[0][:160]  # an answer that is a whole HTML page: its first line
+    return Result(
+        "relay",
+        name,
+        WARNING,
+        f"could not ask {where}: {why}",
+        "the credentials need ses:GetAccount and ses:GetEmailIdentity; an administrator's have them",
+    )
+
+
+def _ses_account(account: dict[str, Any], where: str) -> list[Any]:
+    quota = account.get("SendQuota") or {}
+    if not account.get("SendingEnabled", False):
+        return [
+            Result(
+                "relay",
+                "SES account",
+                FAILURE,
+                f"{where} has paused sending for the account (reputation {account.get('EnforcementStatus', '?')}): "
+                "every message waits in the queue",
+                "the SES console's Account dashboard and the AWS e-mail to the account's owner say why "
+                "and how to ask for sending back",
+            )
+        ]
+    if not account.get("ProductionAccessEnabled", False):
+        return [
+            Result(
+                "relay",
+                "SES account",
+                FAILURE,
+                f"the account is in {where}'s sandbox: mail reaches only verified addresses, "
+                f"{quota.get('Max24HourSend', 200):.0f} a day",
+                f"request production access for {where.removeprefix('SES in ')}: {SES_PRODUCTION_ACCESS}",
+            )
+        ]
+    detail = (
+        f"production access, sending enabled, {quota.get('SentLast24Hours', 0):.0f} of "
+        f"{quota.get('Max24HourSend', 0):.0f} sent in the last 24 hours"
+    )
+    if account.get("EnforcementStatus", "HEALTHY") != "HEALTHY":
+        return [
+            Result(
+                "relay",
+                "SES account",
+                WARNING,
+                f"{detail}; reputation {account['EnforcementStatus']}: SES may pause sending",
+                "the SES console's reputation metrics show the bounce and complaint rates to bring down",
+            )
+        ]
+    return [Result("relay", "SES account", OK, detail)]
+
+
+def _ses_identity(identity: dict[str, Any], domain: str, mail_from: str, where: str) -> list[Any]:
+    results = []
+    verification = identity.get("VerificationStatus") or (
+        "SUCCESS" if identity.get("VerifiedForSendingStatus") else "PENDING"
+    )
+    dkim = (identity.get("DkimAttributes") or {}).get("Status", "NOT_STARTED")
+    if verification == "SUCCESS" and dkim == "SUCCESS":
+        results.append(Result("relay", "SES identity", OK, f"{domain} is verified and Easy DKIM is SUCCESS"))
+    else:
+        waiting = verification in ("PENDING", "NOT_STARTED") and dkim in ("PENDING", "NOT_STARTED")
+        results.append(
+            Result(
+                "relay",
+                "SES identity",
+                WARNING if waiting else FAILURE,
+                f"{domain} is {verification} and Easy DKIM {dkim} at {where}: SES refuses the domain's "
+                "mail until both are SUCCESS",
+                "SES looks for the three DKIM CNAME records (the dns group checks them) for 72 hours after "
+                "`pulumi up`; once they resolve it verifies within hours; after FAILED, run `pulumi up` again",
+            )
+        )
+    attributes = identity.get("MailFromAttributes") or {}
+    found, state = attributes.get("MailFromDomain", ""), attributes.get("MailFromDomainStatus", "")
+    if found != mail_from or state != "SUCCESS":
+        shown = f"{found} is {state}" if found else "none is set"
+        results.append(
+            Result(
+                "relay",
+                "SES MAIL FROM",
+                WARNING if found == mail_from and state == "PENDING" else FAILURE,
+                f"MAIL FROM {mail_from} expected, {shown}: SES falls back to amazonses.com and SPF no longer "
+                "aligns for DMARC",
+                f"the MX and SPF records of {mail_from} (the dns group) must resolve; `pulumi up` sets "
+                "them and the identity's MAIL FROM",
+            )
+        )
+    else:
+        results.append(Result("relay", "SES MAIL FROM", OK, f"{mail_from} is SUCCESS"))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def run(target: Target, groups: Sequence[str] = GROUPS) -> list[Any]:
     """Every check of GROUPS, in order; the inside is fetched once (it also gives the DKIM key)."""
-    inside_results, dkim_key = inside(target) if {"dns", "relay", "server"} & set(groups) else ([], None)
+    inside_results, server = inside(target) if {"dns", "relay", "server"} & set(groups) else ([], {})
     steps: dict[str, Callable[[], list[Any]]] = {
-        "dns": lambda: dns_checks(target, dkim_key),
+        "dns": lambda: dns_checks(target, server),
         "addresses": lambda: address_checks(target),
         "tls": lambda: tls_checks(target),
         "blocklists": lambda: blocklist_checks(target),
-        "relay": lambda: [r for r in inside_results if r.group == "relay"],
+        "relay": lambda: [r for r in inside_results if r.group == "relay"] + ses_checks(target),
         "server": lambda: [r for r in inside_results if r.group == "server"],
     }
     results: list[Any] = []

@@ -300,7 +300,9 @@ def check_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             if args.lab:  # a new lab host has a new host key: nothing to pin
                 ssh += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
             ssh.append(f"{args.ssh_user or settings.admin_user}@{outputs.get('ipv4', '')}")
-        target = check.Target.from_outputs(settings, outputs, resolver=resolver, ca_file=ca_file, ssh=ssh)
+        # The lab stands in for SES's SMTP endpoint, not its API: no call leaves for AWS from it.
+        aws = not (args.no_aws or args.lab)
+        target = check.Target.from_outputs(settings, outputs, resolver=resolver, ca_file=ca_file, ssh=ssh, aws=aws)
     except (check.CheckError, OSError, ValueError) as exc:
         print(f"error: the check could not start: {exc}", file=sys.stderr)
         return 3
@@ -336,8 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check",
         help="what is wrong with the live mail domain, in plain words with the fix (exit 0 ok, 1 warnings, 2 failures)",
         description="Check the deployed stack: DNS record by record, the addresses' PTRs, TLS on every port, "
-        "blocklists, the relay's login and the server's inside (over SSH). Expected values come from the "
-        "stack's settings and outputs; nothing is changed anywhere. Exit status: 0 all ok, 1 warnings, 2 failures.",
+        "blocklists, the relay's login and the server's inside (over SSH), and for SES its account and "
+        "identity (with the AWS credentials of the environment, as `pulumi up` finds them; skipped without). "
+        "Expected values come from the stack's settings and outputs; nothing is changed anywhere. "
+        "Exit status: 0 all ok, 1 warnings, 2 failures, 3 the check could not start.",
     )
     check_parser.add_argument("--stack", default="dev", help=f"stack name (one of: {', '.join(stack_names())})")
     check_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
@@ -349,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     check_parser.add_argument(
         "--no-ssh", action="store_true", help="skip the server's inside (relay login, daemons, queue...)"
+    )
+    check_parser.add_argument(
+        "--no-aws", action="store_true", help="skip SES's account and identity (asked with your AWS credentials)"
     )
     check_parser.add_argument(
         "--outputs", type=Path, metavar="JSON", help="the stack's outputs as `pulumi stack output --json` prints them"

@@ -4,6 +4,7 @@ each fault planted in the zone gives its failing line with the fix."""
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 from collections.abc import Iterator
@@ -11,14 +12,26 @@ from pathlib import Path
 
 import dns.reversename
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from infra.core.dns import Facts, records, zone_file
 from infra.core.settings import Settings, parse_settings
 from infra.core.stack import stack_config
 from infra.tools import check
+from infra.tools.stand_ins import dkim_private_key_pem
 
 IPV4, IPV6 = "198.51.100.10", "2001:db8::10"
-FACTS = Facts(IPV4, IPV6, "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAdGVzdA", ("tokena", "tokenb", "tokenc"))
+
+
+def public_base64(pem: str) -> str:
+    key = serialization.load_pem_private_key(pem.encode(), None).public_key()
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(der).decode()
+
+
+# The signer's key, as the program generates it; its public half is what records() publishes.
+DKIM_PEM = dkim_private_key_pem()
+FACTS = Facts(IPV4, IPV6, public_base64(DKIM_PEM), ("tokena", "tokenb", "tokenc"))
 
 
 def free_port() -> int:
@@ -191,3 +204,64 @@ def test_thresholds_grade_figures() -> None:
     assert graded("server", "q", 30, (1, 24), "d", "f", low_is_bad=False).status == "failure"
     memory = check.status.check_memory("MemTotal: 1000 kB\nMemAvailable: 40 kB\nSwapTotal: 100 kB\nSwapFree: 90 kB\n")
     assert [r.status for r in memory] == ["failure", "ok"]
+
+
+def signed_probe(tmp_path: Path, settings: Settings, pem: str = DKIM_PEM) -> str:
+    """What `status.py server` signs with the key file the signer uses."""
+    key = tmp_path / "dkim.key"
+    key.write_text(pem)
+    config = {"domain": settings.domain, "host": settings.host_name, "dkim_selector": settings.dkim_selector}
+    return str(check.status.dkim_signed_sample({**config, "dkim_key": str(key)}))
+
+
+def test_a_fresh_dkim_signature_verifies_and_fails_on_a_key_not_the_signers(
+    zone: tuple[Path, int], settings: Settings, tmp_path: Path
+) -> None:
+    path, port = zone
+    resolver = check._resolver(target(settings, port))
+    where = f"{settings.dkim_selector}._domainkey.example.net"
+    line = check.status.check_dkim_signature(signed_probe(tmp_path, settings), resolver)
+    assert (line.status, line.detail) == (
+        "ok",
+        f"a fresh signature by the server's key verifies with the key at {where}",
+    )
+    # The signer got a new key, DNS still has the old one: what a receiver sees is a bad signature.
+    line = check.status.check_dkim_signature(signed_probe(tmp_path, settings, dkim_private_key_pem()), resolver)
+    assert line.status == "failure"
+    assert line.detail.startswith(f"a message signed by the server's key does not verify with {where}: ")
+    assert line.detail.endswith(": the signature does not match the published key")
+    assert "`python -m infra zone`" in line.fix
+    # No key published at all.
+    plant(path, "", remove=f"{settings.dkim_selector}._domainkey")
+    line = check.status.check_dkim_signature(signed_probe(tmp_path, settings), resolver)
+    assert line.status == "failure" and line.detail.endswith(f": missing public key: {where}.")
+
+
+def test_dmarc_is_read_as_a_receiver_does(zone: tuple[Path, int], settings: Settings) -> None:
+    path, port = zone
+    line = check.dmarc_check(target(settings, port))
+    assert line.status == "ok"
+    assert line.detail == (
+        f"p={settings.dmarc_policy.value}, reports to mailto:{settings.dmarc_report_address}; "
+        "DKIM aligns (d=example.net); SPF aligns (MAIL FROM example.net)"
+    )
+    plant(path, '_dmarc.example.net. 300 IN TXT "v=DMARC1; p=none"')
+    line = check.dmarc_check(target(settings, port))
+    assert line.status == "failure"
+    assert line.detail.startswith("2 DMARC records (receivers then ignore all) at _dmarc.example.net")
+
+
+def test_dmarc_states_the_alignment_of_sess_mail_from(zone: tuple[Path, int]) -> None:
+    ses = parse_settings(stack_config("dev", {"relay": "ses"}))
+    line = check.dmarc_check(target(ses, zone[1]))
+    assert line.detail.endswith("SPF aligns through SES's MAIL FROM bounce.example.net (relaxed)")
+
+
+def test_a_dkim_key_left_at_another_selector_is_a_warning(zone: tuple[Path, int], settings: Settings) -> None:
+    path, port = zone
+    assert check.stray_selector_checks(target(settings, port)) == []
+    plant(path, 'default._domainkey.example.net. 300 IN TXT "v=DKIM1; k=rsa; p=MIIBIjANBgkq"')
+    plant(path, 'mail._domainkey.example.net. 300 IN TXT "v=DKIM1; p="')  # a revoked key is harmless
+    [line] = check.stray_selector_checks(target(settings, port))
+    assert (line.status, line.name) == ("warning", "TXT default._domainkey.example.net")
+    assert "delete `default._domainkey.example.net TXT` at Cloudflare" in line.fix

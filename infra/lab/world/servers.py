@@ -290,6 +290,101 @@ def serve_cloudflare(
     server.serve_forever()
 
 
+class SesApi:
+    """What SES's v2 API (https://email.REGION.amazonaws.com/v2/email/...) answers for one account
+    and its domain identities: GetAccount and GetEmailIdentity, in the JSON of the API reference
+    (the tests hold each document against botocore's service model). moto implements
+    GetEmailIdentity but not GetAccount, and creates every identity verified; this answers for an
+    account in the sandbox or in production, and for identities verified, pending or failed.
+
+    A call signed for another region is refused as SES refuses it (403, the signature's scope)."""
+
+    def __init__(self, region: str, *, production: bool = True, sending: bool = True) -> None:
+        self.region, self.production, self.sending = region, production, sending
+        self.enforcement = "HEALTHY"
+        self.identities: dict[str, dict[str, Any]] = {}
+
+    def add_identity(self, domain: str, mail_from: str, status: str = "SUCCESS", mail_from_status: str = "") -> None:
+        """A domain identity with Easy DKIM, its verification and DKIM in STATUS."""
+        self.identities[domain] = {
+            "IdentityType": "DOMAIN",
+            "FeedbackForwardingStatus": True,
+            "VerifiedForSendingStatus": status == "SUCCESS",
+            "DkimAttributes": {
+                "SigningEnabled": True,
+                "Status": status,
+                "Tokens": [hashlib.sha256(f"{domain}{i}".encode()).hexdigest()[:32] for i in range(3)],
+                "SigningAttributesOrigin": "AWS_SES",
+                "NextSigningKeyLength": "RSA_2048_BIT",
+                "CurrentSigningKeyLength": "RSA_2048_BIT",
+            },
+            "MailFromAttributes": {
+                "MailFromDomain": mail_from,
+                # MAIL FROM has no NOT_STARTED: it is PENDING from the identity's creation.
+                "MailFromDomainStatus": mail_from_status or status.replace("NOT_STARTED", "PENDING"),
+                "BehaviorOnMxFailure": "USE_DEFAULT_VALUE",
+            },
+            "Policies": {},
+            "Tags": [],
+            "VerificationStatus": status,
+        }
+
+    def account(self) -> dict[str, Any]:
+        quota = (50000.0, 14.0) if self.production else (200.0, 1.0)
+        return {
+            "DedicatedIpAutoWarmupEnabled": False,
+            "EnforcementStatus": self.enforcement,
+            "ProductionAccessEnabled": self.production,
+            "SendQuota": {"Max24HourSend": quota[0], "MaxSendRate": quota[1], "SentLast24Hours": 3.0},
+            "SendingEnabled": self.sending,
+            "SuppressionAttributes": {"SuppressedReasons": ["BOUNCE", "COMPLAINT"]},
+        }
+
+    def answer(self, method: str, path: str, authorization: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+        """(HTTP status, headers, JSON body) for one call."""
+        scope = authorization.partition("Credential=")[2].split(",")[0].split("/")
+        if len(scope) < 4 or scope[2] != self.region or scope[3] != "ses":
+            why = f"Credential should be scoped to a valid region, not {scope[2:3]}"
+            return _aws_error(403, "SignatureDoesNotMatch", why)
+        if method == "GET" and path == "/v2/email/account":
+            return 200, {}, self.account()
+        if method == "GET" and path.startswith("/v2/email/identities/"):
+            name = path.removeprefix("/v2/email/identities/")
+            if name in self.identities:
+                return 200, {}, self.identities[name]
+            return _aws_error(404, "NotFoundException", f"Email identity {name} does not exist.")
+        return _aws_error(404, "UnknownOperationException", f"no operation {method} {path}")
+
+
+def _aws_error(code: int, kind: str, message: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """A refused call of a REST-JSON AWS API: the error's type in x-amzn-ErrorType, the message in the body."""
+    kind_header = f"{kind}:http://internal.amazon.com/coral/com.amazonaws.sesv2/"
+    return code, {"x-amzn-ErrorType": kind_header}, {"message": message}
+
+
+def ses_api_server(api: SesApi, address: str, port: int = 0) -> Any:
+    """An HTTP server answering as API (serve_forever in a thread; server_address tells the port)."""
+    import http.server
+    import urllib.parse
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+            status, headers, body = api.answer(self.command, path, self.headers.get("Authorization") or "")
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            for name, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return http.server.ThreadingHTTPServer((address, port), Handler)
+
+
 def main(argv: list[str]) -> None:
     asyncio.set_event_loop(asyncio.new_event_loop())
     if argv[0] == "dns":
