@@ -66,7 +66,8 @@ class Result:
 
     def line(self) -> str:
         text = f"{self.status.upper():8} {self.group:10} {self.name}: {self.detail}"
-        return f"{text}\n{'':20}fix: {self.fix}" if self.fix and self.status != OK else text
+        label = "to check it" if self.status == SKIPPED else "fix"
+        return f"{text}\n{'':20}{label}: {self.fix}" if self.fix and self.status != OK else text
 
 
 def ok(group: str, name: str, detail: str) -> Result:
@@ -252,7 +253,17 @@ def _managed_txt(name: str) -> bool:
 # The server's inside.
 
 
-def check_daemons(units: Sequence[str]) -> list[Result]:
+def _unit_names(unit: str) -> list[str]:
+    """UNIT, or the services a pattern (php*-fpm) names on this host; the pattern when none is loaded."""
+    if "*" not in unit:
+        return [unit]
+    done = _run("systemctl", "list-units", "--all", "--plain", "--no-legend", "--type=service", f"{unit}.service")
+    names = [line.split()[0].removesuffix(".service") for line in done.stdout.splitlines() if line.strip()]
+    return names or [unit]
+
+
+def check_daemons(patterns: Sequence[str]) -> list[Result]:
+    units = [name for unit in patterns for name in _unit_names(unit)]
     stopped = [u for u in units if _run("systemctl", "is-active", "--quiet", u).returncode != 0]
     if stopped:
         return [

@@ -255,6 +255,8 @@ WEBMAIL: Mapping[bool, Mode] = {
                 ("/etc/roundcube/",),
                 check=("php -l /etc/roundcube/config.inc.php >/dev/null",),
                 reload="systemctl reload-or-restart 'php*-fpm.service'",
+                # Named by the PHP version (php8.2-fpm on Debian 12): the status check expands it.
+                units=("php*-fpm",),
             ),
         ),
         secret_files={"/etc/roundcube/config.inc.php": (0o640, "root", "www-data")},

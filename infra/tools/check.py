@@ -584,7 +584,7 @@ def ses_checks(target: Target) -> list[Any]:
                 "SES account",
                 status.SKIPPED,
                 "SES's side was not checked (--no-aws, or the lab, which stands in for SES's SMTP only)",
-                "run check without --no-aws, with the AWS credentials `pulumi up` uses",
+                "run check without --no-aws against the real stack, with the AWS credentials `pulumi up` uses",
             )
         ]
     import boto3
@@ -599,7 +599,7 @@ def ses_checks(target: Target) -> list[Any]:
                 "SES account",
                 status.SKIPPED,
                 "SES's side was not checked: no AWS credentials here",
-                "to check it too, run with the AWS credentials `pulumi up` uses (AWS_PROFILE, or "
+                "run check with the AWS credentials `pulumi up` uses (AWS_PROFILE, or "
                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
             )
         ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import http.client
 import imaplib
+import json
 import re
 import socket
 import ssl
@@ -20,6 +21,7 @@ from infra.lab import deploy, host, network
 from infra.lab.mail import find, message, send_inbound, unverified
 from infra.lab.network import REMOTE_DOMAIN, WORLD_NS
 from infra.lab.state import LabInfo
+from infra.tools import check
 from infra.tools.rehearsal import DROPLET_IPV4
 
 pytestmark = [pytest.mark.lab]
@@ -159,3 +161,19 @@ def test_a_user_logs_in_to_webmail_and_reads_a_message(webmail: LabInfo) -> None
     assert status == 302 and "_task=mail" in location, f"login refused: {status} {location}"
     assert shown_status == 200
     assert "Seen in Roundcube" in shown and "Hello from the webmail test." in shown
+    # The status check watches the webmail's PHP, by the name this distribution gives it.
+    assert "php8.2-fpm" in server_line("daemons").detail
+    host.guest("sudo systemctl stop php8.2-fpm", webmail)
+    try:
+        stopped = server_line("daemons")
+    finally:
+        host.guest("sudo systemctl start php8.2-fpm", webmail)
+    assert (stopped.status, stopped.detail) == ("failure", "not running: php8.2-fpm")
+
+
+def server_line(name: str) -> check.Result:
+    """The line NAME of the server's own checks (`status.py server`, as `check` runs it over SSH)."""
+    done = host.guest(f"sudo python3 {check.STATUS_PATH} server")
+    assert done.returncode == 0, done.stderr
+    [line] = [r for r in check.status.from_json(json.loads(done.stdout)["results"]) if r.name == name]
+    return line
