@@ -46,10 +46,12 @@ def build(settings: Settings) -> dict[str, Any]:
     deploy_key = tls.PrivateKey("deploy-key", algorithm="ED25519")
     deploy_public = deploy_key.public_key_openssh.apply(str.strip)
 
-    # The deploy key joins the admin's keys in the user-data (a public key: not a secret).
-    user_data = deploy_public.apply(
-        lambda key: render_user_data(dataclasses.replace(settings, ssh_public_keys=(*settings.ssh_public_keys, key)))
+    # The deploy key joins the admin's keys in the user-data and in the bundle's authorized_keys
+    # (a public key: not a secret).
+    with_deploy_key = deploy_public.apply(
+        lambda key: dataclasses.replace(settings, ssh_public_keys=(*settings.ssh_public_keys, key))
     )
+    user_data = with_deploy_key.apply(render_user_data)
     host = MailHost("mail", HostArgs.of(settings), user_data, deploy_public)
 
     relay = SesRelay("ses", RelayArgs.of(settings)) if settings.relay is Relay.SES else None
@@ -96,7 +98,7 @@ def build(settings: Settings) -> dict[str, Any]:
         private_key=pulumi.Output.secret(deploy_key.private_key_openssh),
         server_id=host.droplet.id,
         volume_attachment_id=host.attachment.id,
-        bundle=pulumi.Output.all(secrets, facts).apply(lambda v: render_bundle(settings, v[0], v[1])),
+        bundle=pulumi.Output.all(with_deploy_key, secrets, facts).apply(lambda v: render_bundle(v[0], v[1], v[2])),
         certificate_names=certificate_names(settings),
         depends_on=[host],
     )

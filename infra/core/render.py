@@ -241,6 +241,8 @@ def services(settings: Settings) -> tuple[Service, ...]:
             check=(f"python3 -c {STATUS_PROBE} {STATUS_PATH} {STATUS_CONFIG}",),
             reload="systemctl enable --now mailroom-status.timer",
         ),
+        # sshd reads authorized_keys at each login: nothing to reload.
+        Service("ssh-keys", (f"/home/{settings.admin_user}/.ssh/",)),
         Service(
             "journald",
             ("/etc/systemd/journald.conf.d/",),
@@ -277,6 +279,16 @@ def status_config(settings: Settings, facts: Facts) -> dict[str, Any]:
     }
 
 
+def authorized_keys(settings: Settings) -> BundleFile:
+    """The admin's authorized_keys, exactly the settings' keys (the program adds its deploy key):
+    cloud-init writes them once, at first boot; every apply converges them, so a key removed from
+    sshPublicKeys can no longer log in (nor use the admin's passwordless sudo)."""
+    admin = settings.admin_user
+    lines = "".join(f"{key.strip()}\n" for key in settings.ssh_public_keys)
+    header = "# Written by mailroom on every deploy from the sshPublicKeys setting: edits here are replaced.\n"
+    return BundleFile(f"/home/{admin}/.ssh/authorized_keys", header + lines, 0o600, admin, admin)
+
+
 def render_bundle(settings: Settings, secrets: ServerSecrets, facts: Facts) -> Bundle:
     environment = template_environment(SERVER_FILES)
     values = context(settings, secrets)
@@ -286,6 +298,7 @@ def render_bundle(settings: Settings, secrets: ServerSecrets, facts: Facts) -> B
     ]
     key_path = chosen(settings)[0].dkim_key.format(selector=settings.dkim_selector)
     files.append(_file(key_path, secrets.dkim_private_key_pem, settings))
+    files.append(authorized_keys(settings))
     files.append(BundleFile(STATUS_PATH, STATUS_SCRIPT.read_text(), 0o755))
     files.append(BundleFile(STATUS_CONFIG, json.dumps(status_config(settings, facts), indent=2, sort_keys=True) + "\n"))
     return Bundle(

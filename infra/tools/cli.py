@@ -189,10 +189,10 @@ def deploy_key_pair() -> tuple[str, str]:
 def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets: bool) -> list[Path]:
     """Write the user-data and every bundle file under OUT; placeholders stand for secrets.
 
-    The user-data is the droplet's: the stack's SSH keys plus mailroom's deploy key, as the
-    program adds it. With placeholders the deploy key is PLACEHOLDER_DEPLOY_KEY (a line sshd
-    ignores); with generated secrets it is a fresh key, whose private half is written to
-    OUT/deploy-key (mode 0600) so the render can be deployed by hand.
+    The user-data and the bundle's authorized_keys are the droplet's: the stack's SSH keys plus
+    mailroom's deploy key, as the program adds it. With placeholders the deploy key is
+    PLACEHOLDER_DEPLOY_KEY (a line sshd ignores); with generated secrets it is a fresh key, whose
+    private half is written to OUT/deploy-key (mode 0600) so the render can be deployed by hand.
     """
     from infra.core.render import render_bundle
     from infra.core.user_data import render_user_data
@@ -202,8 +202,6 @@ def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets
     secrets = generated_secrets() if generate_secrets else placeholder_secrets()
     from infra.core.dns import Facts
 
-    # Stand-in addresses (the droplet's are known once it exists): only the status check's expected records hold them.
-    bundle = render_bundle(settings, secrets, Facts.placeholder(settings))
     written = []
     out.mkdir(parents=True, exist_ok=True)
     if generate_secrets:
@@ -217,6 +215,8 @@ def render_to(stack: str, overrides: dict[str, Any], out: Path, generate_secrets
         deploy_key = PLACEHOLDER_DEPLOY_KEY
     # As infra.cloud.program does: the deploy key joins the admin's keys in the user-data.
     with_deploy_key = dataclasses.replace(settings, ssh_public_keys=(*settings.ssh_public_keys, deploy_key))
+    # Stand-in addresses (the droplet's are known once it exists): only the status check's expected records hold them.
+    bundle = render_bundle(with_deploy_key, secrets, Facts.placeholder(settings))
     target = out / "user-data"
     target.write_text(render_user_data(with_deploy_key))
     written.append(target)

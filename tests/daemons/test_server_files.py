@@ -78,7 +78,9 @@ def materialize(bundle: Bundle, root: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(pattern.sub(lambda m: str(root) + m.group(0), f.content))
         target.chmod(f.mode)
-        shutil.chown(target, f.owner, f.group)
+        # The admin's files belong to the user cloud-init creates on the droplet, not one of this machine's.
+        admins = f.path.startswith("/home/")
+        shutil.chown(target, "root" if admins else f.owner, "root" if admins else f.group)
     tls = root / "etc/mailroom/tls"
     tls.mkdir(parents=True, exist_ok=True)
     made = run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mail.example.net",
@@ -172,6 +174,43 @@ def test_submission_ports_require_tls_12_and_authentication(
         assert services[f"{port}/smtpd_milters"] == signer
     master = (root / "etc/postfix/master.cf").read_text()
     assert re.search(r"^smtp\s+inet\s.*postscreen$", master, re.M)
+
+
+SUBMITTED = """Received: from [10.0.0.5] (home-router.isp.example [198.51.100.77])
+\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)
+\t key-exchange X25519 server-signature RSA-PSS (2048 bits) server-digest SHA256)
+\t(No client certificate requested)
+\tby mail.example.net (Postfix) with ESMTPSA id 4Qx1Yz2abc
+\tfor <dana@example.com>; Thu,  3 Dec 2026 22:15:00 +0000 (UTC)
+Received: from mx.example.com (mx.example.com [203.0.113.50])
+\tby mail.example.net (Postfix) with ESMTPS id 4Qx1Yz2abd
+\tfor <alice@example.net>; Thu,  3 Dec 2026 22:15:01 +0000 (UTC)
+From: alice@example.net
+
+"""
+
+
+@pytest.mark.daemons
+@skip_without("postfix")
+def test_a_users_home_address_leaves_no_trace_in_the_mail_they_send(tmp_path: Path) -> None:
+    """Postfix's own header-check tool on the rendered map, with Received lines as smtpd writes
+    them: the submission line loses the user's machine and address, keeps this server's name and
+    queue id; a line of mail from outside is not the map's business."""
+    bundle = render_bundle(settings_for("spamassassin", "ses", False), SECRETS, FACTS)
+    table = tmp_path / "submission_received"
+    table.write_text(bundle.file("/etc/postfix/submission_received").content)
+    done = run("postmap", "-h", "-q", "-", f"regexp:{table}", stdin=SUBMITTED)
+    assert done.returncode == 0, done.stderr
+    replaced = done.stdout.split("\tREPLACE ", 1)[1]
+    assert replaced == (
+        "Received: by mail.example.net (Postfix) with ESMTPSA id 4Qx1Yz2abc\n"
+        "\tfor <dana@example.com>; Thu,  3 Dec 2026 22:15:00 +0000 (UTC)\n"
+    )
+    assert "ESMTPS id 4Qx1Yz2abd" not in done.stdout  # the inbound line matched nothing
+    master = bundle.file("/etc/postfix/master.cf").content
+    assert master.count("-o cleanup_service_name=submission-cleanup") == 2  # 587 and 465
+    assert "submission-cleanup unix n -     y       -       0       cleanup\n" in master
+    assert "  -o header_checks=regexp:/etc/postfix/submission_received\n" in master
 
 
 def test_sender_logins_let_users_send_as_their_aliases_only() -> None:

@@ -397,6 +397,25 @@ def test_only_the_stacks_own_deploy_key_is_registered_and_the_admins_keys_reach_
     assert first not in registered and SECOND_KEY not in registered
 
 
+def test_every_apply_converges_the_admins_authorized_keys_to_the_settings_and_the_deploy_key() -> None:
+    """cloud-init writes the keys once; the bundle carries them on every apply, so a key taken
+    out of sshPublicKeys is taken off the server by the next `pulumi up`."""
+    first = offline_run("dev").settings.ssh_public_keys[0]
+    for keys in ([first, SECOND_KEY], [first]):
+        run = offline_run("dev", sshPublicKeys=keys)
+        deploy_public = run.named("deploy-key").state["publicKeyOpenssh"].strip()
+        files = json.loads(commands(run)["apply-bundle"].inputs["stdin"])["files"]
+        [entry] = [f for f in files if f["path"] == "/home/mailadmin/.ssh/authorized_keys"]
+        assert (entry["mode"], entry["owner"], entry["group"], entry["secret"]) == (
+            0o600,
+            "mailadmin",
+            "mailadmin",
+            False,
+        )
+        lines = [line for line in entry["content"].splitlines() if not line.startswith("#")]
+        assert lines == [*keys, deploy_public]
+
+
 @pytest.mark.parametrize("stack", ["dev", "prod"])
 def test_cloudflare_zone_is_looked_up_by_the_domain_name(stack: str) -> None:
     from pulumi.runtime.mocks import MockCallArgs

@@ -1,8 +1,10 @@
 """Submission to the relay, signed: a user's message submitted on 587 (STARTTLS) or 465 (implicit
 TLS) reaches the SES stand-in with the envelope it was given and a DKIM signature that verifies
-against the key the domain's DNS publishes."""
+against the key the domain's DNS publishes, and no trace of the user's machine."""
 
 from __future__ import annotations
+
+import email
 
 import dkim
 import pytest
@@ -28,3 +30,7 @@ def test_submission_reaches_the_relay_dkim_signed(lab: state.LabInfo, port: int)
     txt = dkim_dns(lab)
     assert dkim.verify(accepted.raw, dnsfunc=lambda name, timeout=5: txt.get(name, b""))
     assert b"s=mail;" in accepted.raw.replace(b" ", b"") and b"d=example.net" in accepted.raw
+    # The user's machine and address leave no trace: the server's Received line names only itself.
+    received = [" ".join(h.split()) for h in email.message_from_bytes(accepted.raw).get_all("Received", [])]
+    assert len(received) == 1 and received[0].startswith("by mail.example.net (Postfix) with ESMTPSA id "), received
+    assert "[" not in received[0] and "from" not in received[0].split(";")[0], received
