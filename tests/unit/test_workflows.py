@@ -375,7 +375,11 @@ def test_a_checkout_without_stack_files_previews_nothing(tmp_path: Path) -> None
 
 
 def test_preview_has_no_hard_coded_stack() -> None:
-    text = json.dumps(load("preview.yml"))  # comments are not part of the parsed workflow
+    """No stack is named, but dev in the choice of environment (the one previewed unreviewed)."""
+    workflow = load("preview.yml")
+    (job,) = [j for j in workflow["jobs"].values() if "environment" in j]
+    job["environment"]["name"] = ""
+    text = json.dumps(workflow)  # comments are not part of the parsed workflow
     for stack in stack_files(ROOT):
         assert not re.search(rf"\b{re.escape(stack)}\b", text), f"preview.yml names the stack {stack}"
 
@@ -396,15 +400,33 @@ def test_preview_job_previews_each_stack_with_a_diff_and_a_pr_comment() -> None:
 
 def test_previews_use_read_only_credentials_of_the_preview_environment() -> None:
     (job,) = [j for j in jobs("preview.yml").values() if pulumi_steps(j)]
-    # One environment for every stack, never a deploy environment (prod's reviewers would hold up
-    # every pull request), and no deployment record per preview.
-    assert job["environment"] == {"name": "preview", "deployment": False}
+    # Never a deploy environment, and no deployment record per preview. The branch's code runs
+    # with a Pulumi token that decrypts its stack's secrets (the deploy key: root on the server):
+    # dev in `preview` (no reviewer, a token for dev only), any other stack in its own
+    # `preview-<stack>`, whose reviewers approve the run.
+    assert job["environment"] == {
+        "name": "${{ matrix.stack == 'dev' && 'preview' || format('preview-{0}', matrix.stack) }}",
+        "deployment": False,
+    }
+    chosen = {stack: preview_environment(job["environment"]["name"], stack) for stack in ("dev", "prod", "staging")}
+    assert chosen == {"dev": "preview", "prod": "preview-prod", "staging": "preview-staging"}
+    docs = (ROOT / "docs/github-actions.md").read_text()
+    assert "**The `preview-<stack>` environments**" in docs and "required reviewers" in docs
     (aws,) = [s for s in steps(job) if action(s) == "aws-actions/configure-aws-credentials"]
     assert aws["with"]["role-to-assume"] == "${{ vars.AWS_PREVIEW_ROLE_ARN }}"
     assert "DEPLOY" not in json.dumps(job)
     for deploy_job in jobs("deploy.yml").values():
         assert environment_name(deploy_job) != "preview"
         assert "PREVIEW" not in json.dumps(deploy_job)
+
+
+def preview_environment(expression: str, stack: str) -> str:
+    """The environment GitHub picks for STACK: `a == 'b' && 'x' || format('y{0}', a)` evaluated."""
+    found = re.fullmatch(
+        r"\$\{\{ matrix\.stack == '(\w+)' && '([\w-]+)' \|\| format\('([\w-]*)\{0\}', matrix\.stack\) \}\}", expression
+    )
+    assert found, expression
+    return found[2] if stack == found[1] else found[3] + stack
 
 
 # --- deploy.yml --------------------------------------------------------------------------------
