@@ -320,12 +320,20 @@ def test_nginx_accepts_the_sites(rendered: Rendered, spam: str, relay: str, webm
             shutil.copy(source, nginx / shared)
     (nginx / "nginx.conf").write_text(
         f"pid {root}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
-        f"http {{\n  access_log off;\n  include {nginx}/sites-enabled/*.conf;\n}}\n"
+        f"http {{\n  access_log off;\n  include {nginx}/sites-enabled/*;\n}}\n"
     )
     accepted("nginx", "-t", "-c", str(nginx / "nginx.conf"), "-p", str(root), "-e", "stderr")
     sites = (nginx / "sites-enabled/mailroom.conf").read_text()
     assert "server_name mta-sts.example.net;" in sites and "ssl_protocols TLSv1.2 TLSv1.3;" in sites
     assert (nginx / "sites-enabled/mailroom-webmail.conf").exists() is webmail
+    # Debian's default site (a welcome page for any name) is replaced: unknown names get no answer.
+    default = (nginx / "sites-enabled/default").read_text()
+    assert default.count("default_server;") == 4 and default.count("return 444;") == 2
+    for site in nginx.glob("sites-enabled/mailroom*.conf"):
+        text = site.read_text()
+        assert text.count("include snippets/mailroom-headers.conf;") == text.count("listen 443 ssl;")
+    headers = (nginx / "snippets/mailroom-headers.conf").read_text()
+    assert 'add_header Strict-Transport-Security "max-age=31536000" always;' in headers
 
 
 def test_mta_sts_policy_served_is_the_one_published() -> None:
