@@ -42,6 +42,7 @@ LAB_ORDER = (
     "lab/spam/",
     "lab/dns/",
     "lab/status/",
+    "lab/backup/",
     "lab/abuse/test_brute_force.py",
     "lab/faults/",
     "lab/secrets/",

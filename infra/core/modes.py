@@ -11,9 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from infra.core.backup import BACKUP_CONFIG, BACKUP_ENV, BACKUP_PATH
 from infra.core.bundle import Service
 from infra.core.facts import QUEUE_DIR, SMTP2GO_HOST, ses_smtp_endpoint
-from infra.core.settings import Image, Relay, Settings, SpamFilter
+from infra.core.settings import BackupTarget, Image, Relay, Settings, SpamFilter
+
+# A script that parses and its settings that are JSON (a bundle's check before anything is installed).
+JSON_PROBE = "'import ast, json, sys; ast.parse(open(sys.argv[1]).read()); json.load(open(sys.argv[2]))'"
 
 # Who may read a secret file: (mode, owner, group).
 Owner = tuple[int, str, str]
@@ -264,6 +268,26 @@ WEBMAIL: Mapping[bool, Mode] = {
     False: Mode(),
 }
 
+# The off-site backup, on unless backupTarget is none: restic, its nightly timer and its secrets.
+BACKUPS: Mapping[bool, Mode] = {
+    True: Mode(
+        layers=("backup",),
+        packages=("restic",),
+        services=(
+            Service(
+                "backup",
+                (BACKUP_PATH, "/etc/mailroom/backup.", "/etc/systemd/system/mailroom-backup."),
+                prepare=("systemctl daemon-reload",),
+                check=(f"python3 -c {JSON_PROBE} {BACKUP_PATH} {BACKUP_CONFIG}",),
+                # A timer, not a daemon: the next run reads the new files.
+                reload="systemctl enable --now mailroom-backup.timer",
+            ),
+        ),
+        secret_files={BACKUP_ENV: (0o600, "root", "root")},
+    ),
+    False: Mode(),
+}
+
 # Both images name the packages alike (Ubuntu 24.04 noble and Debian 12 bookworm); an entry in
 # `renamed` is where a name differs.
 DISTRIBUTIONS: Mapping[Image, Distribution] = {
@@ -272,21 +296,23 @@ DISTRIBUTIONS: Mapping[Image, Distribution] = {
 }
 
 
-def chosen(settings: Settings) -> tuple[SpamFilterMode, RelayMode, Mode]:
-    """The records the settings pick: spam filter, relay, webmail."""
-    return SPAM_FILTERS[settings.spam_filter], RELAYS[settings.relay], WEBMAIL[settings.webmail]
+def chosen(settings: Settings) -> tuple[SpamFilterMode, RelayMode, Mode, Mode]:
+    """The records the settings pick: spam filter, relay, webmail, backup."""
+    backup = BACKUPS[settings.backup_target is not BackupTarget.NONE]
+    return SPAM_FILTERS[settings.spam_filter], RELAYS[settings.relay], WEBMAIL[settings.webmail], backup
 
 
 def packages(settings: Settings) -> tuple[str, ...]:
-    spam, relay, webmail = chosen(settings)
+    spam, relay, webmail, backup = chosen(settings)
     renamed = DISTRIBUTIONS[settings.image].renamed
-    return tuple(renamed.get(n, n) for n in BASE + spam.packages + webmail.packages + relay.packages)
+    picked = BASE + spam.packages + webmail.packages + relay.packages + backup.packages
+    return tuple(renamed.get(n, n) for n in picked)
 
 
 def absent_packages(settings: Settings) -> tuple[str, ...]:
     """The packages of the modes not chosen (SpamAssassin's under rspamd...), unless a chosen one needs them."""
     picked = chosen(settings)
-    every: list[Mode] = [*SPAM_FILTERS.values(), *WEBMAIL.values(), *RELAYS.values()]
+    every: list[Mode] = [*SPAM_FILTERS.values(), *WEBMAIL.values(), *RELAYS.values(), *BACKUPS.values()]
     others = [mode for mode in every if all(mode is not p for p in picked)]
     wanted = packages(settings)
     return tuple(p for mode in others for p in mode.packages if p not in wanted)
@@ -294,5 +320,5 @@ def absent_packages(settings: Settings) -> tuple[str, ...]:
 
 def every_package() -> tuple[str, ...]:
     """What any mode may need (the lab's image holds them all: a mode switch finds its packages)."""
-    modes = [*SPAM_FILTERS.values(), WEBMAIL[True], *RELAYS.values()]
+    modes = [*SPAM_FILTERS.values(), WEBMAIL[True], *RELAYS.values(), BACKUPS[True]]
     return BASE + tuple(p for mode in modes for p in mode.packages)

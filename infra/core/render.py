@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
+from infra.core import backup as backups
+from infra.core.backup import BACKUP_CONFIG, BACKUP_MAX_AGE_HOURS, BACKUP_PATH, BACKUP_RESULT, BACKUP_SCRIPT
 from infra.core.bundle import Bundle, BundleFile, ServerSecrets, Service
 from infra.core.dns import Facts, mta_sts_policy, records
 from infra.core.facts import (
@@ -26,6 +28,7 @@ from infra.core.facts import (
 )
 from infra.core.modes import (
     COMMON_SECRET_FILES,
+    JSON_PROBE,
     OPENDKIM_MILTER,
     RSPAMD_MILTER,
     SPAMD_USER,
@@ -53,8 +56,6 @@ PUBLIC_ZEN = "zen.spamhaus.org"
 MAIN_CF_WITH_KEY: tuple[str, Owner] = ("/etc/postfix/main.cf", (0o640, "root", "postfix"))
 
 POSTFIX_MAPS = ("virtual_mailboxes", "virtual_aliases", "sender_logins")
-# The status check's files: its script parses, its expectations are JSON.
-STATUS_PROBE = "'import ast, json, sys; ast.parse(open(sys.argv[1]).read()); json.load(open(sys.argv[2]))'"
 # The jails of fail2ban/jail.d/mailroom.conf (the status check expects each running).
 FAIL2BAN_JAILS = ("sshd", "postfix-sasl", "dovecot")
 # The part of main.cf each relay brings, in its own layer.
@@ -62,8 +63,8 @@ RELAY_PART = "_relay.cf.j2"
 
 
 def layers(settings: Settings) -> tuple[str, ...]:
-    spam, relay, webmail = chosen(settings)
-    return ("common", *spam.layers, *webmail.layers, *relay.layers)
+    spam, relay, webmail, backup = chosen(settings)
+    return ("common", *spam.layers, *webmail.layers, *relay.layers, *backup.layers)
 
 
 def relay_host(settings: Settings) -> str:
@@ -145,6 +146,12 @@ def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
         "status_path": STATUS_PATH,
         "acme_server": settings.acme_server,
         "webmail_des_key": secrets.webmail_des_key,
+        "backup_path": BACKUP_PATH,
+        "backup_hour": settings.backup_hour,
+        "backup_repository": backups.repository(settings),
+        "backup_password": secrets.backup_password,
+        "backup_access_key_id": secrets.backup_access_key_id,
+        "backup_secret_access_key": secrets.backup_secret_access_key,
         **milters(settings),
         "opendkim_socket": f"{QUEUE_DIR}/{OPENDKIM_MILTER}",
         "rspamd_socket": f"{QUEUE_DIR}/{RSPAMD_MILTER}",
@@ -175,7 +182,7 @@ STORAGE_POLICY = "/usr/local/sbin/mailroom-storage-policy"
 
 def services(settings: Settings) -> tuple[Service, ...]:
     """Each daemon with its files, its own checker and how it picks up a change."""
-    spam, relay, webmail = chosen(settings)
+    spam, relay, webmail, backup = chosen(settings)
     postmaps = tuple(f"postmap /etc/postfix/{m}" for m in (*POSTFIX_MAPS, *relay.postfix_maps))
     common = [
         Service(
@@ -238,7 +245,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
             "status",
             (STATUS_PATH, STATUS_CONFIG, "/etc/systemd/system/mailroom-status."),
             prepare=("systemctl daemon-reload",),
-            check=(f"python3 -c {STATUS_PROBE} {STATUS_PATH} {STATUS_CONFIG}",),
+            check=(f"python3 -c {JSON_PROBE} {STATUS_PATH} {STATUS_CONFIG}",),
             reload="systemctl enable --now mailroom-status.timer",
         ),
         # sshd reads authorized_keys at each login: nothing to reload.
@@ -259,7 +266,7 @@ def services(settings: Settings) -> tuple[Service, ...]:
             # No reload: logrotate reads its configuration afresh at every run (logrotate.timer).
         ),
     ]
-    return (*common, *relay.services, *webmail.services)
+    return (*common, *relay.services, *webmail.services, *backup.services)
 
 
 def status_config(settings: Settings, facts: Facts) -> dict[str, Any]:
@@ -276,6 +283,12 @@ def status_config(settings: Settings, facts: Facts) -> dict[str, Any]:
         "dkim_selector": settings.dkim_selector,
         "relay": {"host": host, "port": RELAY_PORT} if host else None,
         "records": [asdict(r) for r in records(settings, facts)],
+        # The nightly backup's last result, or None when backupTarget is none (a warning).
+        "backup": (
+            {"result": BACKUP_RESULT, "max_age_hours": BACKUP_MAX_AGE_HOURS, "repository": backups.repository(settings)}
+            if backups.enabled(settings)
+            else None
+        ),
     }
 
 
@@ -301,6 +314,10 @@ def render_bundle(settings: Settings, secrets: ServerSecrets, facts: Facts) -> B
     files.append(authorized_keys(settings))
     files.append(BundleFile(STATUS_PATH, STATUS_SCRIPT.read_text(), 0o755))
     files.append(BundleFile(STATUS_CONFIG, json.dumps(status_config(settings, facts), indent=2, sort_keys=True) + "\n"))
+    if backups.enabled(settings):
+        files.append(BundleFile(BACKUP_PATH, BACKUP_SCRIPT.read_text(), 0o755))
+        config = json.dumps(backups.backup_config(settings), indent=2, sort_keys=True) + "\n"
+        files.append(BundleFile(BACKUP_CONFIG, config))
     return Bundle(
         files=tuple(sorted(files, key=lambda f: f.path)),
         services=services(settings),

@@ -21,6 +21,7 @@ HOST_LINK, WORLD_LINK = f"{NAME}-h", f"{NAME}-w"
 WORLD_IPV4, WORLD_IPV6 = "203.0.113.1", "2001:db8:10::1"
 DNS_IP, SES_IP, REMOTE_IP = "203.0.113.53", "203.0.113.20", "203.0.113.30"
 ACME_IP, CLOUDFLARE_IP = "203.0.113.14", "203.0.113.16"  # pebble; the Cloudflare API stand-in
+S3_IP = "203.0.113.18"  # the backup bucket's S3 API (moto)
 CLOUDFLARE_API = "api.cloudflare.com"  # where certbot's dns-cloudflare plugin sends its calls
 REMOTE_DOMAIN = "example.com"  # the outside correspondent's domain, served by the lab DNS
 
@@ -73,7 +74,7 @@ def create_network() -> None:
     sh("ip", "-n", HOST_NS, "addr", "add", f"{DROPLET_IPV6}/64", "dev", "eth0", "nodad")
     sh("ip", "-n", HOST_NS, "link", "set", "eth0", "up")
     sh("ip", "-n", HOST_NS, "route", "add", "default", "via", WORLD_IPV4)
-    for address in (WORLD_IPV4, DNS_IP, SES_IP, REMOTE_IP, ACME_IP, CLOUDFLARE_IP):
+    for address in (WORLD_IPV4, DNS_IP, SES_IP, REMOTE_IP, ACME_IP, CLOUDFLARE_IP, S3_IP):
         sh("ip", "-n", WORLD_NS, "addr", "add", f"{address}/24", "dev", WORLD_LINK)
     sh("ip", "-n", WORLD_NS, "addr", "add", f"{WORLD_IPV6}/64", "dev", WORLD_LINK, "nodad")
     sh("ip", "-n", WORLD_NS, "link", "set", WORLD_LINK, "up")

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
+import shlex
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infra.core.settings import SettingsError, parse_settings
+from infra.core.settings import Settings, SettingsError, parse_settings
 from infra.core.stack import StackError, parse_override, stack_config, stack_names
 
 if TYPE_CHECKING:
@@ -269,6 +273,78 @@ def lab_command(action: str, stack: str, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def ssh_argv(args: argparse.Namespace, settings: Settings, outputs: dict[str, Any], key: Path | None) -> list[str]:
+    """ssh to the server as the admin (or --ssh-user), before the remote command."""
+    ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15"]
+    if key:
+        ssh += ["-i", str(key), "-o", "IdentitiesOnly=yes"]
+    if args.lab:  # a new lab host has a new host key: nothing to pin
+        ssh += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    ssh.append(f"{args.ssh_user or settings.admin_user}@{outputs.get('ipv4', '')}")
+    return ssh
+
+
+def _age(seconds: float) -> str:
+    hours = seconds / 3600
+    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.0f} days"
+
+
+def backup_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """`backup run|list|restore`: the server's backup script, over SSH as the remote commands run."""
+    from infra.core import backup
+    from infra.tools import check
+
+    settings = parse_settings(stack_config(args.stack, overrides))
+    ssh_key = args.ssh_key
+    if args.lab:
+        from infra.lab import state
+
+        info = state.LabInfo.load()
+        settings = parse_settings(stack_config(info.stack, {**info.overrides, **overrides}))
+        outputs = json.loads((state.STATE_DIR / "outputs.json").read_text())
+        ssh_key = ssh_key or Path(info.key_file)
+    else:
+        outputs = check.stack_outputs(args.stack)
+    if not backup.enabled(settings):
+        print(f"error: the stack {args.stack} has no backup (backupTarget is none)", file=sys.stderr)
+        return 2
+    remote = ["sudo", "python3", backup.BACKUP_PATH, args.action]
+    if args.action == "restore":
+        remote += ["--snapshot", args.snapshot] + (["--mailbox", args.mailbox] if args.mailbox else [])
+    argv = [*ssh_argv(args, settings, outputs, ssh_key), shlex.join(remote)]
+
+    def call() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=6 * 3600)
+
+    if args.lab:
+        from infra.lab import network
+
+        done = network.in_netns(network.WORLD_NS, call)
+    else:
+        done = call()
+    if done.returncode != 0:
+        print(f"error: {done.stderr.strip() or done.stdout.strip()}", file=sys.stderr)
+        return 1
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif args.action == "list":
+        now = time.time()
+        print(f"{len(answer)} snapshot(s) in {backup.repository(settings)}, newest last:")
+        for snap in answer:
+            taken = datetime.datetime.fromisoformat(str(snap["time"])[:26].rstrip("Z")).replace(tzinfo=datetime.UTC)
+            print(f"  {snap['short_id']}  {taken:%Y-%m-%d %H:%M} UTC  {_age(now - taken.timestamp())} ago")
+    elif args.action == "run":
+        print(
+            f"snapshot {answer.get('snapshot', '')[:8]}: {answer.get('files', 0)} files, "
+            f"{answer.get('bytes', 0) / 1e6:.1f} MB, {answer.get('added', 0) / 1e6:.1f} MB new, verified"
+        )
+    else:
+        for box in answer["mailboxes"]:
+            print(f"{box['mailbox']}: " + ("restored" if box["restored"] else f"not restored ({box['why']})"))
+    return 0
+
+
 def check_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """`check`: the live domain against the stack; exit 0 ok, 1 warnings, 2 failures, 3 not run."""
     from infra.tools import check
@@ -292,14 +368,7 @@ def check_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             outputs = json.loads(Path(args.outputs).read_text())
         else:
             outputs = check.stack_outputs(args.stack)
-        ssh: list[str] = []
-        if not args.no_ssh:
-            ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15"]
-            if ssh_key:
-                ssh += ["-i", str(ssh_key), "-o", "IdentitiesOnly=yes"]
-            if args.lab:  # a new lab host has a new host key: nothing to pin
-                ssh += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
-            ssh.append(f"{args.ssh_user or settings.admin_user}@{outputs.get('ipv4', '')}")
+        ssh = [] if args.no_ssh else ssh_argv(args, settings, outputs, ssh_key)
         # The lab stands in for SES's SMTP endpoint, not its API: no call leaves for AWS from it.
         aws = not (args.no_aws or args.lab)
         target = check.Target.from_outputs(settings, outputs, resolver=resolver, ca_file=ca_file, ssh=ssh, aws=aws)
@@ -366,6 +435,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only this group (repeatable)",
     )  # fmt: skip
     check_parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    backup_parser = commands.add_parser(
+        "backup",
+        help="the off-site backup: run one now, list the snapshots, restore mail (over SSH, as the admin)",
+        description="run: back up now, as the nightly timer does. list: the snapshots with their age. restore: "
+        "merge a snapshot's mail into the live server (every mailbox, or --mailbox), keeping mail that "
+        "arrived since; folders, flags and UIDs come back as they were.",
+    )
+    backup_parser.add_argument("action", choices=("run", "list", "restore"))
+    backup_parser.add_argument("--stack", default="dev", help=f"stack name (one of: {', '.join(stack_names())})")
+    backup_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    backup_parser.add_argument("--snapshot", default="latest", help="restore: the snapshot's id (default: the newest)")
+    backup_parser.add_argument("--mailbox", metavar="ADDRESS", help="restore: only this mailbox")
+    backup_parser.add_argument("--ssh-user", help="log in to the server as this user (default: the adminUser setting)")
+    backup_parser.add_argument("--ssh-key", type=Path, help="SSH private key for the server (default: your agent's)")
+    backup_parser.add_argument("--lab", action="store_true", help="the running lab's server")
+    backup_parser.add_argument("--json", action="store_true", help="print the server's answer as JSON")
     lab = commands.add_parser("lab", help="the real mail stack on this machine: up, smoke, status, down")
     lab.add_argument("action", choices=("up", "smoke", "status", "down"))
     lab.add_argument("--stack", default="dev", help=f"stack name (one of: {', '.join(stack_names())})")
@@ -385,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return lab_command(args.action, args.stack, overrides)
         elif args.command == "check":
             return check_command(args, overrides)
+        elif args.command == "backup":
+            return backup_command(args, overrides)
     except (SettingsError, StackError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,18 @@ import dns.reversename
 
 from infra.core.dns import zone_file
 from infra.core.facts import ses_smtp_endpoint
-from infra.lab.network import ACME_IP, CLOUDFLARE_API, CLOUDFLARE_IP, DNS_IP, REMOTE_DOMAIN, REMOTE_IP, SES_IP, WORLD_NS
+from infra.core import backup
+from infra.lab.network import (
+    ACME_IP,
+    CLOUDFLARE_API,
+    CLOUDFLARE_IP,
+    DNS_IP,
+    REMOTE_DOMAIN,
+    REMOTE_IP,
+    S3_IP,
+    SES_IP,
+    WORLD_NS,
+)
 from infra.lab.state import STATE_DIR, secret_file
 from infra.lab.world import acme
 from infra.lab.world.pki import IssuedCertificate, LabCA
@@ -35,6 +46,7 @@ def make_certificates(run: OfflineRun) -> dict[str, IssuedCertificate]:
         "ses": ca.issue("ses", [ses_smtp_endpoint(run.settings.ses_region)]),
         "cloudflare": ca.issue("cloudflare", [CLOUDFLARE_API]),
         "acme": ca.issue("acme", [acme.ACME_NAME], [ACME_IP]),
+        "s3": ca.issue("s3", [backup.endpoint(run.settings)]),
     }
 
 
@@ -55,6 +67,7 @@ def lab_zone(run: OfflineRun) -> str:
         f"lab-root. 3600 IN A {DNS_IP}",
         f"{ses_smtp_endpoint(s.ses_region)}. 300 IN A {SES_IP}",
         f"{CLOUDFLARE_API}. 300 IN A {CLOUDFLARE_IP}",
+        f"{backup.endpoint(s)}. 300 IN A {S3_IP}",
         f"{acme.ACME_NAME}. 300 IN A {ACME_IP}",
         f"{REMOTE_DOMAIN}. 300 IN A {REMOTE_IP}",
         f"{REMOTE_DOMAIN}. 300 IN MX 10 mx.{REMOTE_DOMAIN}.",
@@ -82,7 +95,7 @@ def state_value(run: OfflineRun, type_: str, key: str) -> str:
 
 
 def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) -> tuple[str, str]:
-    """DNS, SES, the Cloudflare API and pebble, each on its own world address."""
+    """DNS, SES, the Cloudflare API, pebble and the backup bucket's S3, each on its own world address."""
     zone = STATE_DIR / "zone.db"
     zone.write_text(lab_zone(run))
     module = [sys.executable, "-m", "infra.lab.world.servers"]
@@ -110,6 +123,12 @@ def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) 
         str(secret_file("cloudflare-token", state_value(run, "cloudflare:index/apiToken:ApiToken", "value"))),
         str(api.certificate), str(api.key), str(token_networks),
     ])  # fmt: skip
+    if backup.enabled(run.settings):
+        s3 = certificates["s3"]
+        processes["s3"] = _world_process("s3", [
+            *module, "s3", S3_IP, backup.endpoint(run.settings), run.settings.backup_bucket,
+            run.settings.backup_region, str(s3.certificate), str(s3.key),
+        ])  # fmt: skip
     config = acme.write_config(STATE_DIR / "pebble.json", ACME_IP, certificates["acme"])
     processes["acme"] = _world_process("acme", acme.argv(config, DNS_IP))
     (STATE_DIR / "world.json").write_text(json.dumps({k: p.pid for k, p in processes.items()}))

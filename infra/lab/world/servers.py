@@ -385,6 +385,22 @@ def ses_api_server(api: SesApi, address: str, port: int = 0) -> Any:
     return http.server.ThreadingHTTPServer((address, port), Handler)
 
 
+def serve_s3(address: str, hostname: str, bucket: str, region: str, cert: Path, key: Path) -> None:
+    """moto's S3 over HTTPS as HOSTNAME (a lab CA certificate), holding BUCKET with versioning on,
+    as the program declares it. It takes any access key: the key's policy is asserted under mocks."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import run_simple
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    backend.create_bucket(bucket, region)
+    backend.put_bucket_versioning(bucket, "Enabled")
+    # moto picks the service from the Host header: requests to HOSTNAME are S3's.
+    app = DomainDispatcherApplication(create_backend_app)
+    run_simple(address, 443, app, ssl_context=(str(cert), str(key)), threaded=True)
+
+
 def main(argv: list[str]) -> None:
     asyncio.set_event_loop(asyncio.new_event_loop())
     if argv[0] == "dns":
@@ -397,8 +413,11 @@ def main(argv: list[str]) -> None:
         spool, address, hostname, user, password_file, cert, key = argv[1:8]
         senders = allowed_senders(Path(argv[8]).read_text()) if len(argv) > 8 else []
         serve_ses(Path(spool), address, hostname, user, Path(password_file), Path(cert), Path(key), senders)
+    elif argv[0] == "s3":
+        address, hostname, bucket, region, cert, key = argv[1:7]
+        serve_s3(address, hostname, bucket, region, Path(cert), Path(key))
     else:
-        raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses, cloudflare")
+        raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses, cloudflare, s3")
 
 
 if __name__ == "__main__":
