@@ -640,6 +640,65 @@ def dns_side(config: dict[str, Any], resolver: Any) -> list[Result]:
     return results
 
 
+BOOTSTRAPPED = Path("/var/lib/mailroom-bootstrapped")
+
+
+def check_backup(
+    backup: dict[str, Any] | None, now: float | None = None, installed: Path = BOOTSTRAPPED
+) -> list[Result]:
+    """The nightly off-site backup: on, run within the last day, and its last run good."""
+    if backup is None:
+        return [
+            Result(
+                "server",
+                "backup",
+                WARNING,
+                "no off-site backup (backupTarget is none): a lost volume loses every message",
+                "set backupTarget to s3 (or spaces) and run `pulumi up`",
+            )
+        ]
+    now = time.time() if now is None else now
+    limit = float(backup["max_age_hours"])
+    fix_run = (
+        "sudo journalctl -u mailroom-backup says why; `sudo python3 /usr/local/lib/mailroom/backup.py run` tries now"
+    )
+    path = Path(backup["result"])
+    if not path.exists():
+        age = (now - installed.stat().st_mtime) / 3600 if installed.exists() else 0.0
+        if age < limit:
+            return [ok("server", "backup", "no backup yet: the first runs tonight (mailroom-backup.timer)")]
+        return [Result("server", "backup", FAILURE, f"no backup has run in the {age:.0f} h since install", fix_run)]
+    result = json.loads(path.read_text())
+    last = result.get("last_success")
+    hours = (now - float(last)) / 3600 if last else None
+    if not result.get("ok"):
+        since = f"the newest good one is {hours:.0f} h old" if hours is not None else "no run has succeeded yet"
+        return [
+            Result(
+                "server", "backup", FAILURE, f"the last backup failed ({result.get('error', '?')}); {since}", fix_run
+            )
+        ]
+    if hours is None or hours > limit:
+        return [
+            Result(
+                "server",
+                "backup",
+                FAILURE,
+                f"the newest backup is {hours or 0:.0f} h old (more than {limit:.0f} h): the nightly run stopped",
+                "`systemctl list-timers mailroom-backup.timer` shows when it runs; " + fix_run,
+            )
+        ]
+    size = result.get("bytes", 0) / 1e6
+    return [
+        ok(
+            "server",
+            "backup",
+            f"{hours:.1f} h ago to {backup['repository']}: snapshot {str(result.get('snapshot', ''))[:8]}, "
+            f"{result.get('files', 0)} files, {size:.1f} MB, verified",
+        )
+    ]
+
+
 def server_checks(config: dict[str, Any]) -> list[Result]:
     checks: list[Callable[[], list[Result]]] = [
         lambda: check_daemons(config["units"]),
@@ -651,6 +710,9 @@ def server_checks(config: dict[str, Any]) -> list[Result]:
         check_certificate,
         lambda: check_relay_login(config.get("relay")),
     ]
+    # Configs written before the backup existed have no "backup" key: nothing to check there.
+    if "backup" in config:
+        checks.append(lambda: check_backup(config["backup"]))
     results: list[Result] = []
     for check in checks:
         try:

@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""mailroom's off-site backup: every mailbox, Sieve script and the spam filter's learning, with
+restic, encrypted, into the bucket the program declared. Installed as
+/usr/local/lib/mailroom/backup.py; its settings in /etc/mailroom/backup.json, its secrets
+(repository password, access key) in /etc/mailroom/backup.env (root only), never on a command line.
+
+    backup.py run                  the nightly run (mailroom-backup.timer): stage, back up, check
+    backup.py list                 the snapshots, newest last, as JSON
+    backup.py restore [--snapshot ID] [--mailbox ADDRESS]
+                                   merge a snapshot's mail back into the live mailboxes
+
+Consistency. restic reads files one by one while Dovecot renames them (new/ to cur/, a flag
+change renames the file): a walk of the live Maildirs can miss a message or pair a uidlist with
+files it does not name. So the run first brings a staging copy up to date with `doveadm backup`
+(dsync: under Dovecot's own mailbox locks, the copy identical to the mailbox, UIDs, UIDVALIDITY,
+flags and keywords with it), and restic reads only the staging copy, which nothing else writes.
+A message delivered during the run is in the next night's snapshot, never half in this one.
+
+Restore. `doveadm sync -1 -R` pulls the restored copy into the live mailbox and changes nothing
+else: mail that arrived since (or while the restore runs) stays, a message already there is not
+copied twice (dsync matches them by GUID), and into an empty mailbox (a new volume) the folders
+come back with their UIDVALIDITY and UIDs. A message deleted after the snapshot is not brought
+back by it into a mailbox that remembers the deletion: dsync honours expunges it can see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIG = Path("/etc/mailroom/backup.json")
+ENVIRONMENT = Path("/etc/mailroom/backup.env")
+# restic's exit code when the repository is not there yet (0.17+); older releases exit 1 and say so.
+NO_REPOSITORY = 10
+
+
+class BackupError(Exception):
+    """A step failed; its message says which and what the tool answered."""
+
+
+def secrets(path: Path | None = None) -> dict[str, str]:
+    """KEY=VALUE lines: the repository, its password and the access key."""
+    values: dict[str, str] = {}
+    for line in (path or ENVIRONMENT).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 6 * 3600, input: str | None = None) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, input=input, check=False)
+    if done.returncode != 0:
+        raise BackupError(f"`{' '.join(argv[:3])}` exited {done.returncode}: {done.stderr.strip()[-600:]}")
+    return done.stdout
+
+
+def restic_env(config: dict[str, Any]) -> dict[str, str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/root"}
+    env.update(secrets())
+    env["RESTIC_CACHE_DIR"] = config["cache_dir"]
+    return env
+
+
+def restic(config: dict[str, Any], *argv: str, timeout: float = 6 * 3600) -> str:
+    return run("restic", "--quiet", *argv, env=restic_env(config), timeout=timeout)
+
+
+def ensure_repository(config: dict[str, Any]) -> bool:
+    """Initialise the repository on the first run; True when it was made now."""
+    done = subprocess.run(
+        ["restic", "cat", "config"], capture_output=True, text=True, env=restic_env(config), timeout=600, check=False
+    )
+    if done.returncode == 0:
+        return False
+    missing = done.returncode == NO_REPOSITORY or "Is there a repository" in done.stderr
+    if not missing:
+        raise BackupError(f"the repository cannot be read: {done.stderr.strip()[-600:]}")
+    restic(config, "init", timeout=600)
+    return True
+
+
+def users() -> list[tuple[str, str]]:
+    """(user, home) of every mailbox Dovecot knows."""
+    listed = run("doveadm", "user", "-f", "home", "*").split()
+    names = run("doveadm", "user", "*").split()
+    return list(zip(names, listed, strict=True))
+
+
+def stage(config: dict[str, Any]) -> list[str]:
+    """Bring the staging copy up to date; the paths restic then reads."""
+    staging = Path(config["staging_dir"])
+    staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.chown(staging, "vmail", "vmail")
+    paths = [str(staging)]
+    for user, home in users():
+        copy = staging / user
+        # dsync writes the copy as the mail user, under the mailbox's own locks.
+        run("doveadm", "backup", "-u", user, f"maildir:{copy}/Maildir", timeout=3 * 3600)
+        sieve = Path(home) / "sieve"
+        if sieve.is_dir():  # the user's Sieve scripts and which one is active (a symlink)
+            paths.append(str(sieve))
+            active = Path(home) / ".dovecot.sieve"
+            if active.is_symlink():
+                paths.append(str(active))
+    gone = {p.name for p in staging.iterdir()} - {u for u, _ in users()} - {"spam-filter"}
+    for name in gone:  # a mailbox removed from the settings leaves the next snapshot
+        shutil.rmtree(staging / name, ignore_errors=True)
+    learned = staging / "spam-filter"
+    learned.mkdir(exist_ok=True)
+    if config["spam_filter"] == "spamassassin":
+        # A text dump of the Bayes database (sa-learn --restore reads it back).
+        dump = run("runuser", "-u", config["spamd_user"], "--", "sa-learn", "--backup")
+        (learned / "bayes.dump").write_text(dump)
+    elif config["spam_filter"] == "rspamd":
+        # A consistent snapshot of Redis (rspamd's Bayes and fuzzy data), as Redis writes its own.
+        run("redis-cli", "--rdb", str(learned / "redis.rdb"))
+    paths += config["extra_paths"]
+    return paths
+
+
+def write_result(config: dict[str, Any], result: dict[str, Any]) -> None:
+    target = Path(config["result"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(target)
+
+
+def nightly(config: dict[str, Any]) -> int:
+    started = time.time()
+    previous = Path(config["result"])
+    # The newest good run is carried over a failed one: the status check tells how old the mail's backup is.
+    last_success = json.loads(previous.read_text()).get("last_success") if previous.exists() else None
+    result: dict[str, Any] = {"started": started, "ok": False, "last_success": last_success}
+    try:
+        result["initialised"] = ensure_repository(config)
+        paths = stage(config)
+        summary = restic(
+            config, "backup", "--json", "--host", config["host"], "--tag", "mailroom",
+            *(f"--exclude={e}" for e in config["exclude"]), *paths,
+        )  # fmt: skip
+        last = [json.loads(line) for line in summary.splitlines() if line.startswith("{")]
+        done: dict[str, Any] = next((m for m in reversed(last) if m.get("message_type") == "summary"), {})
+        result.update(
+            snapshot=done.get("snapshot_id", ""),
+            files=done.get("total_files_processed", 0),
+            bytes=done.get("total_bytes_processed", 0),
+            added=done.get("data_added", 0),
+        )
+        # A sample of the packs read back and verified each night: over a month, all of them.
+        restic(config, "check", f"--read-data-subset={config['check_subset']}")
+        result["ok"] = True
+        result["last_success"] = started
+    except (BackupError, OSError, subprocess.TimeoutExpired) as exc:
+        result["error"] = str(exc)
+    result["finished"] = time.time()
+    write_result(config, result)
+    # The status check reads the result: a failure (or the first success after one) is mailed now.
+    subprocess.run(["systemctl", "start", "--no-block", "mailroom-status.service"], check=False)
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+def snapshots(config: dict[str, Any]) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] = json.loads(restic(config, "snapshots", "--json", "--tag", "mailroom") or "[]")
+    return sorted(listed, key=lambda s: str(s["time"]))
+
+
+def restore(config: dict[str, Any], snapshot: str, mailbox: str | None) -> int:
+    staging = Path(config["staging_dir"])
+    known = [u for u, _ in users()]
+    chosen = [mailbox] if mailbox else known
+    unknown = [u for u in chosen if u not in known]
+    if unknown:
+        raise BackupError(f"no such mailbox on this server: {', '.join(unknown)}; known: {', '.join(known)}")
+    # Restored next to the mail, on the volume: room for it is room the mail already takes.
+    target = Path(tempfile.mkdtemp(prefix=".restore-", dir=config["mail_dir"]))
+    try:
+        includes = [f"--include={staging}/{u}" for u in chosen]
+        homes = dict(users())
+        for user in chosen:
+            includes += [f"--include={homes[user]}/sieve", f"--include={homes[user]}/.dovecot.sieve"]
+        restic(config, "restore", snapshot, "--target", str(target), *includes)
+        shutil.chown(target, "vmail", "vmail")
+        subprocess.run(["chown", "-R", "vmail:vmail", str(target)], check=True)
+        report: dict[str, Any] = {"snapshot": snapshot, "mailboxes": []}
+        for user in chosen:
+            copy = target / str(staging).lstrip("/") / user / "Maildir"
+            if not copy.is_dir():
+                report["mailboxes"].append({"mailbox": user, "restored": False, "why": "not in this snapshot"})
+                continue
+            run("doveadm", "sync", "-1", "-R", "-u", user, f"maildir:{copy}", timeout=3 * 3600)
+            home = Path(homes[user])
+            sieve = target / str(home).lstrip("/") / "sieve"
+            if sieve.is_dir() and not (home / "sieve").exists():  # the user's scripts, unless they have new ones
+                shutil.copytree(sieve, home / "sieve", symlinks=True)
+                active = target / str(home).lstrip("/") / ".dovecot.sieve"
+                if active.is_symlink() and not (home / ".dovecot.sieve").exists():
+                    (home / ".dovecot.sieve").symlink_to(active.readlink())
+                subprocess.run(["chown", "-R", "-h", "vmail:vmail", str(home)], check=True)
+            report["mailboxes"].append({"mailbox": user, "restored": True})
+        print(json.dumps(report))
+        return 0
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="backup.py", description="mailroom's off-site backup")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="stage, back up and check (what the nightly timer runs)")
+    commands.add_parser("list", help="the snapshots, as JSON")
+    restoring = commands.add_parser("restore", help="merge a snapshot's mail into the live mailboxes")
+    restoring.add_argument("--snapshot", default="latest")
+    restoring.add_argument("--mailbox")
+    args = parser.parse_args(argv)
+    config = json.loads(CONFIG.read_text())
+    try:
+        if args.command == "run":
+            return nightly(config)
+        if args.command == "list":
+            print(json.dumps(snapshots(config)))
+            return 0
+        return restore(config, args.snapshot, args.mailbox)
+    except BackupError as exc:
+        print(f"backup: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
