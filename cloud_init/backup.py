@@ -46,10 +46,10 @@ class BackupError(Exception):
     """A step failed; its message says which and what the tool answered."""
 
 
-def secrets(path: Path = ENVIRONMENT) -> dict[str, str]:
+def secrets(path: Path | None = None) -> dict[str, str]:
     """KEY=VALUE lines: the repository, its password and the access key."""
     values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    for line in (path or ENVIRONMENT).read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition("=")
             values[key.strip()] = value.strip()
@@ -149,7 +149,7 @@ def nightly(config: dict[str, Any]) -> int:
             *(f"--exclude={e}" for e in config["exclude"]), *paths,
         )  # fmt: skip
         last = [json.loads(line) for line in summary.splitlines() if line.startswith("{")]
-        done = next((m for m in reversed(last) if m.get("message_type") == "summary"), {})
+        done: dict[str, Any] = next((m for m in reversed(last) if m.get("message_type") == "summary"), {})
         result.update(
             snapshot=done.get("snapshot_id", ""),
             files=done.get("total_files_processed", 0),
@@ -205,7 +205,7 @@ def restore(config: dict[str, Any], snapshot: str, mailbox: str | None) -> int:
                 shutil.copytree(sieve, home / "sieve", symlinks=True)
                 active = target / str(home).lstrip("/") / ".dovecot.sieve"
                 if active.is_symlink() and not (home / ".dovecot.sieve").exists():
-                    os.symlink(os.readlink(active), home / ".dovecot.sieve")
+                    (home / ".dovecot.sieve").symlink_to(active.readlink())
                 subprocess.run(["chown", "-R", "-h", "vmail:vmail", str(home)], check=True)
             report["mailboxes"].append({"mailbox": user, "restored": True})
         print(json.dumps(report))

@@ -643,7 +643,9 @@ def dns_side(config: dict[str, Any], resolver: Any) -> list[Result]:
 BOOTSTRAPPED = Path("/var/lib/mailroom-bootstrapped")
 
 
-def check_backup(backup: dict[str, Any] | None, now: float | None = None, installed: Path = BOOTSTRAPPED) -> list[Result]:
+def check_backup(
+    backup: dict[str, Any] | None, now: float | None = None, installed: Path = BOOTSTRAPPED
+) -> list[Result]:
     """The nightly off-site backup: on, run within the last day, and its last run good."""
     if backup is None:
         return [
@@ -657,7 +659,9 @@ def check_backup(backup: dict[str, Any] | None, now: float | None = None, instal
         ]
     now = time.time() if now is None else now
     limit = float(backup["max_age_hours"])
-    fix_run = "sudo journalctl -u mailroom-backup says why; `sudo python3 /usr/local/lib/mailroom/backup.py run` tries now"
+    fix_run = (
+        "sudo journalctl -u mailroom-backup says why; `sudo python3 /usr/local/lib/mailroom/backup.py run` tries now"
+    )
     path = Path(backup["result"])
     if not path.exists():
         age = (now - installed.stat().st_mtime) / 3600 if installed.exists() else 0.0
@@ -669,7 +673,11 @@ def check_backup(backup: dict[str, Any] | None, now: float | None = None, instal
     hours = (now - float(last)) / 3600 if last else None
     if not result.get("ok"):
         since = f"the newest good one is {hours:.0f} h old" if hours is not None else "no run has succeeded yet"
-        return [Result("server", "backup", FAILURE, f"the last backup failed ({result.get('error', '?')}); {since}", fix_run)]
+        return [
+            Result(
+                "server", "backup", FAILURE, f"the last backup failed ({result.get('error', '?')}); {since}", fix_run
+            )
+        ]
     if hours is None or hours > limit:
         return [
             Result(
@@ -701,8 +709,10 @@ def server_checks(config: dict[str, Any]) -> list[Result]:
         check_updates,
         check_certificate,
         lambda: check_relay_login(config.get("relay")),
-        lambda: check_backup(config.get("backup")),
     ]
+    # Configs written before the backup existed have no "backup" key: nothing to check there.
+    if "backup" in config:
+        checks.append(lambda: check_backup(config["backup"]))
     results: list[Result] = []
     for check in checks:
         try:
