@@ -26,6 +26,10 @@ class ServerSecrets:
     relay_password: str  # SES SMTP password (v4) or SMTP2GO password; empty for direct delivery
     certbot_token: str  # Cloudflare API token limited to DNS edits in the zone (DNS-01)
     webmail_des_key: str  # Roundcube's session encryption key (24 characters)
+    # The off-site backup's restic repository password and the bucket's access key (empty: none).
+    backup_password: str = ""
+    backup_access_key_id: str = ""
+    backup_secret_access_key: str = ""
 
     def __repr__(self) -> str:
         return "ServerSecrets(********)"

@@ -41,6 +41,12 @@ class BackupPlan(StrEnum):
     DAILY = "daily"
 
 
+class BackupTarget(StrEnum):
+    S3 = "s3"
+    SPACES = "spaces"
+    NONE = "none"
+
+
 class DmarcPolicy(StrEnum):
     NONE = "none"
     QUARANTINE = "quarantine"
@@ -161,6 +167,13 @@ class Settings:
     volume_size_gb: int
     backups: bool
     backup_plan: BackupPlan
+    backup_target: BackupTarget
+    backup_bucket: str
+    backup_region: str
+    backup_hour: int
+    backup_keep_daily: int
+    backup_keep_weekly: int
+    backup_keep_monthly: int
     relay: Relay
     ses_region: str
     smtp2go_username: str
@@ -636,6 +649,39 @@ def _relay(p: _Parser) -> _RelayChoice:
     return _RelayChoice(relay, ses_region, smtp2go_user, smtp2go_password)
 
 
+@dataclass(frozen=True)
+class _Backup:
+    target: BackupTarget
+    bucket: str
+    region: str
+
+
+# DigitalOcean's regions with Spaces (docs.digitalocean.com/products/spaces/details/availability/).
+SPACES_REGIONS = frozenset({"nyc3", "sfo2", "sfo3", "ams3", "sgp1", "fra1", "syd1", "blr1", "lon1", "tor1", "atl1"})
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+AWS_REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
+
+
+def _backup(p: _Parser, host_name: str, droplet_region: str, ses_region: str) -> _Backup:
+    """Where the off-site backup goes: the target, its bucket and its region (derived when unset)."""
+    target = p.choice("backupTarget", BackupTarget)
+    bucket = p.string("backupBucket") or f"{host_name.replace('.', '-')}-mail-backup"[-63:].lstrip("-")
+    if target is not BackupTarget.NONE and not BUCKET_RE.match(bucket):
+        p.problem("backupBucket", bucket, "not a bucket name; accepted: 3 to 63 lower case letters, digits and hyphens")
+    region = p.string("backupRegion")
+    if target is BackupTarget.SPACES:
+        region = region or droplet_region
+        if region not in SPACES_REGIONS:
+            p.problem(
+                "backupRegion", region, f"not a region with Spaces; accepted: {', '.join(sorted(SPACES_REGIONS))}"
+            )
+    elif target is BackupTarget.S3:
+        region = region or ses_region
+        if not AWS_REGION_RE.match(region):
+            p.problem("backupRegion", region, "not an AWS region; accepted: a name like us-east-1 or eu-west-1")
+    return _Backup(target, bucket, region)
+
+
 def _dkim_selector(p: _Parser) -> str:
     selector = p.string("dkimSelector").lower()
     if not LABEL_RE.match(selector):
@@ -693,6 +739,7 @@ def parse_settings(
     droplet = _droplet(p)
     access = _access(p)
     relay = _relay(p)
+    backup = _backup(p, names.host_name, droplet.region, relay.ses_region)
     dkim_selector = _dkim_selector(p)
     reports = _report_addresses(p, names.domain)
     mailboxes, aliases = _mailboxes_and_aliases(p, names.domain, reports)
@@ -710,6 +757,13 @@ def parse_settings(
         volume_size_gb=p.integer("volumeSizeGb", *VOLUME_GB_RANGE),
         backups=p.boolean("backups"),
         backup_plan=p.choice("backupPlan", BackupPlan),
+        backup_target=backup.target,
+        backup_bucket=backup.bucket,
+        backup_region=backup.region,
+        backup_hour=p.integer("backupHour", 0, 23),
+        backup_keep_daily=p.integer("backupKeepDaily", 1, 3650),
+        backup_keep_weekly=p.integer("backupKeepWeekly", 1, 520),
+        backup_keep_monthly=p.integer("backupKeepMonthly", 1, 120),
         relay=relay.relay,
         ses_region=relay.ses_region,
         smtp2go_username=relay.smtp2go_username,

@@ -102,6 +102,16 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], list[str]]] = [
     ("size too small", {"dropletSize": "s-1vcpu-512mb-10gb"}, ["dropletSize", "too small", "1 GB or more"]),
     ("unknown image", {"image": "centos-7-x64"}, ["image", "'centos-7-x64'", "ubuntu-24-04-x64, debian-12-x64"]),
     ("unknown backup plan", {"backups": True, "backupPlan": "hourly"}, ["backupPlan", "'hourly'", "weekly, daily"]),
+    ("unknown backup target", {"backupTarget": "tape"}, ["backupTarget", "'tape'", "s3, spaces, none"]),
+    ("bucket not a name", {"backupBucket": "Mail_Backup"}, ["backupBucket", "'Mail_Backup'", "not a bucket name"]),
+    ("backup hour past midnight", {"backupHour": 24}, ["backupHour", "24", "0 to 23"]),
+    ("no daily snapshot kept", {"backupKeepDaily": 0}, ["backupKeepDaily", "1 to 3650"]),
+    ("s3 region not aws", {"backupRegion": "nyc3"}, ["backupRegion", "'nyc3'", "not an AWS region"]),
+    (
+        "spaces where there are none",
+        {"backupTarget": "spaces", "region": "nyc1"},
+        ["backupRegion", "'nyc1'", "not a region with Spaces", "nyc3"],
+    ),
     ("alert address not one", {"doAlertEmail": "ops"}, ["doAlertEmail", "'ops'", "not an e-mail address"]),
     # What a shell would run: a setting reaches root's scripts (quoted there as well).
     ("alert address runs a command", {"alertEmail": "`reboot`@example.com"}, ["alertEmail", "not an e-mail address"]),
@@ -278,3 +288,13 @@ def test_acme_server_names_let_s_encrypt_by_default_and_takes_another_ca() -> No
 def test_another_ca_needs_its_caa_domain() -> None:
     message = refusal(acmeServer="https://acme.example.com/directory")
     assert "caaIssuer: missing" in message and "CAA domain" in message
+
+
+def test_the_backup_bucket_and_region_are_derived_from_the_host_and_the_relay() -> None:
+    settings = parse_settings(good())
+    assert settings.backup_target.value == "s3"
+    assert settings.backup_bucket == settings.host_name.replace(".", "-") + "-mail-backup"
+    assert settings.backup_region == settings.ses_region
+    spaces = parse_settings(good(backupTarget="spaces", region="fra1"))
+    assert spaces.backup_region == "fra1"
+    assert parse_settings(good(backupTarget="none", backupBucket="Not_Checked")).backup_target.value == "none"
