@@ -646,7 +646,24 @@ BOOTSTRAPPED = Path("/var/lib/mailroom-bootstrapped")
 def check_backup(
     backup: dict[str, Any] | None, now: float | None = None, installed: Path = BOOTSTRAPPED
 ) -> list[Result]:
-    """The nightly off-site backup: on, run within the last day, and its last run good."""
+    """The nightly off-site backup: on, run within the last day, its last run good, and its history
+    out of the server key's reach."""
+    results = _backup_age(backup, now, installed)
+    if backup is not None and not backup.get("history_protected", True):
+        results.append(
+            Result(
+                "server",
+                "backup history",
+                WARNING,
+                "the server's own Spaces key can delete the backup's old versions (Spaces has no finer "
+                "grant than read/write/delete): whoever takes the server can destroy the backup",
+                "backupTarget s3 keeps the history out of the server key's reach (its policy denies it)",
+            )
+        )
+    return results
+
+
+def _backup_age(backup: dict[str, Any] | None, now: float | None, installed: Path) -> list[Result]:
     if backup is None:
         return [
             Result(

@@ -11,14 +11,16 @@ import pulumi_random as random
 import pulumi_tls as tls
 from pulumi.runtime import config as runtime_config
 
+from infra.cloud.backup import BackupArgs, MailBackup
 from infra.cloud.host import HostArgs, MailHost
 from infra.cloud.provisioning import Provisioning
 from infra.cloud.relay import RelayArgs, SesRelay
+from infra.core import backup as backups
 from infra.core.bundle import ServerSecrets
 from infra.core.dns import Facts, dkim_public_key_body
 from infra.core.facts import SMTP2GO_HOST
 from infra.core.render import certificate_names, render_bundle
-from infra.core.settings import Relay, Settings, decode_config_value, load_schema, parse_settings
+from infra.core.settings import BackupTarget, Relay, Settings, decode_config_value, load_schema, parse_settings
 from infra.core.stack import PROJECT
 from infra.core.user_data import render_user_data
 
@@ -80,17 +82,20 @@ def build(settings: Settings) -> dict[str, Any]:
         if settings.webmail
         else pulumi.Output.from_input("")
     )
+    # The off-site backup's bucket and key (declared after the relay: the lab's SES stand-in
+    # reads the first IAM policy and access key, the relay's).
+    backup = MailBackup("backup", BackupArgs.of(settings)) if settings.backup_target is not BackupTarget.NONE else None
+    no_backup = pulumi.Output.from_input("")
     secrets = pulumi.Output.all(
-        dkim_key.private_key_pem, relay_user, relay_password, zone.certbot_token, webmail_key
-    ).apply(
-        lambda v: ServerSecrets(
-            dkim_private_key_pem=v[0],
-            relay_username=v[1],
-            relay_password=v[2],
-            certbot_token=v[3],
-            webmail_des_key=v[4],
-        )
-    )
+        dkim_private_key_pem=dkim_key.private_key_pem,
+        relay_username=relay_user,
+        relay_password=relay_password,
+        certbot_token=zone.certbot_token,
+        webmail_des_key=webmail_key,
+        backup_access_key_id=backup.access_key_id if backup else no_backup,
+        backup_secret_access_key=backup.secret_access_key if backup else no_backup,
+        backup_password=backup.password if backup else no_backup,
+    ).apply(lambda v: ServerSecrets(**v))
     Provisioning(
         "server",
         host=host.ipv4,
@@ -116,6 +121,9 @@ def build(settings: Settings) -> dict[str, Any]:
         outputs["sesSmtpUsername"] = relay.smtp_username
         # What `python -m infra check` expects at SES's DKIM names (public: they are in DNS).
         outputs["sesDkimTokens"] = relay.dkim_tokens
+    if backup is not None:
+        # Where the backup is, as restic names it (not a secret; the key and password are).
+        outputs["backupRepository"] = backup.bucket.apply(lambda _: backups.repository(settings))
     return outputs
 
 

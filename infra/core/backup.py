@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from infra.core.facts import CLOUD_INIT, MAIL_DIR
+from infra.core.facts import CLOUD_INIT, MAIL_DIR, backup_endpoint
 from infra.core.settings import BackupTarget, Settings, SpamFilter
 
 BACKUP_SCRIPT = CLOUD_INIT / "backup.py"
@@ -23,15 +23,23 @@ BACKUP_MAX_AGE_HOURS = 26
 CHECK_SUBSET = "5%"
 
 
+# Whether the server's own key is kept from destroying the backup's history (old object versions).
+# S3: yes, its IAM policy denies s3:DeleteObjectVersion and changes to versioning and lifecycle
+# (infra.cloud.backup). Spaces: no. DigitalOcean's documentation names a bucket-scoped `readwrite`
+# key "Read/Write/Delete" (docs.digitalocean.com/products/spaces/how-to/manage-access/) and lists
+# no finer grant, and the open request "Separate read/write and delete access keys"
+# (ideas.digitalocean.com/storage/p/separate-read-write-and-delete-access-keys) asks for exactly
+# that: someone who takes the server may be able to destroy the backup. The status check says so.
+HISTORY_PROTECTED = {BackupTarget.S3: True, BackupTarget.SPACES: False, BackupTarget.NONE: False}
+
+
 def enabled(settings: Settings) -> bool:
     return settings.backup_target is not BackupTarget.NONE
 
 
 def endpoint(settings: Settings) -> str:
     """The S3 API host the repository lives on."""
-    if settings.backup_target is BackupTarget.SPACES:
-        return f"{settings.backup_region}.digitaloceanspaces.com"
-    return f"s3.{settings.backup_region}.amazonaws.com"
+    return backup_endpoint(settings.backup_target, settings.backup_region)
 
 
 def repository(settings: Settings) -> str:

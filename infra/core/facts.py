@@ -7,6 +7,10 @@ as values. What is only known at deploy time (addresses, keys) is `infra.core.dn
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # settings imports this module: the name is for the type checker only
+    from infra.core.settings import BackupTarget
 
 # Where the repository lives: Pulumi.yaml, the stack files and the server's templates.
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -49,3 +53,13 @@ SMTP2GO_HOST = "mail.smtp2go.com"
 def ses_smtp_endpoint(region: str) -> str:
     """Amazon SES's SMTP endpoint in a region."""
     return f"email-smtp.{region}.amazonaws.com"
+
+
+def backup_endpoint(target: BackupTarget | str, region: str) -> str:
+    """The S3 API host of the off-site backup's bucket: Amazon S3's or DigitalOcean Spaces' in the
+    region, or "" for backupTarget none (a `BackupTarget` is a str, so either compares)."""
+    if target == "s3":
+        return f"s3.{region}.amazonaws.com"
+    if target == "spaces":
+        return f"{region}.digitaloceanspaces.com"
+    return ""

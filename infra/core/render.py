@@ -285,7 +285,12 @@ def status_config(settings: Settings, facts: Facts) -> dict[str, Any]:
         "records": [asdict(r) for r in records(settings, facts)],
         # The nightly backup's last result, or None when backupTarget is none (a warning).
         "backup": (
-            {"result": BACKUP_RESULT, "max_age_hours": BACKUP_MAX_AGE_HOURS, "repository": backups.repository(settings)}
+            {
+                "result": BACKUP_RESULT,
+                "max_age_hours": BACKUP_MAX_AGE_HOURS,
+                "repository": backups.repository(settings),
+                "history_protected": backups.HISTORY_PROTECTED[settings.backup_target],
+            }
             if backups.enabled(settings)
             else None
         ),

@@ -7,6 +7,7 @@ Secret values are wrapped in `Secret` and never appear in an error message or a 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -42,6 +43,8 @@ class BackupPlan(StrEnum):
 
 
 class BackupTarget(StrEnum):
+    """Where the off-site backup of the mail goes (not the droplet backups of `BackupPlan`)."""
+
     S3 = "s3"
     SPACES = "spaces"
     NONE = "none"
@@ -94,6 +97,26 @@ SES_REGIONS = frozenset(
         "il-central-1", "me-central-1", "me-south-1", "us-gov-east-1", "us-gov-west-1",
     }
 )  # fmt: skip
+
+# DigitalOcean regions with Spaces (Standard Storage): docs.digitalocean.com/products/spaces/details/availability/
+# (generated 23 Mar 2026). NYC1, NYC2 and RIC1 have none.
+SPACES_REGIONS = frozenset({"nyc3", "ams3", "sfo2", "sfo3", "sgp1", "lon1", "fra1", "tor1", "blr1", "syd1", "atl1"})
+# An AWS region name of the standard and GovCloud partitions (S3 at s3.REGION.amazonaws.com, ARNs
+# arn:aws:...); China's (cn-north-1, .amazonaws.com.cn, arn:aws-cn) is not accepted.
+AWS_REGION_RE = re.compile(
+    r"^(us|ca|mx|sa|eu|af|me|il|ap)(-gov)?-(north|south|east|west|central|northeast|northwest|southeast|southwest)-[1-9]$"
+)
+# S3 bucket names (docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html): 3 to 63
+# lower case letters, digits, hyphens and dots, starting and ending with a letter or digit, some
+# prefixes and suffixes reserved. Dots are refused too: a dotted name breaks TLS to the
+# virtual-hosted endpoint (BUCKET.s3.REGION.amazonaws.com). Spaces names follow the same rules.
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+BUCKET_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+BUCKET_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", "--x-s3", "--table-s3")
+BUCKET_SUFFIX = "-mail-backup"
+BUCKET_NAME_LIMIT = 63
+BACKUP_HOUR_RANGE = (0, 23)
+BACKUP_KEEP_RANGE = (1, 1000)
 
 # Hash schemes Dovecot verifies; a value without one of these prefixes is taken for plaintext.
 PASSWORD_SCHEMES: Mapping[str, str] = {
@@ -165,12 +188,12 @@ class Settings:
     admin_cidrs: tuple[str, ...]
     allow_ssh_from_anywhere: bool
     volume_size_gb: int
-    backups: bool
+    backups: bool  # DigitalOcean droplet backups (the droplet's disk, not the mail volume)
     backup_plan: BackupPlan
-    backup_target: BackupTarget
+    backup_target: BackupTarget  # the mail's off-site backup
     backup_bucket: str
     backup_region: str
-    backup_hour: int
+    backup_hour: int  # UTC
     backup_keep_daily: int
     backup_keep_weekly: int
     backup_keep_monthly: int
@@ -649,6 +672,31 @@ def _relay(p: _Parser) -> _RelayChoice:
     return _RelayChoice(relay, ses_region, smtp2go_user, smtp2go_password)
 
 
+def default_backup_bucket(host_name: str) -> str:
+    """<host name, dots as dashes>-mail-backup; a long host name is cut, with a hash, to fit 63."""
+    name = host_name.replace(".", "-") + BUCKET_SUFFIX
+    if len(name) <= BUCKET_NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(host_name.encode()).hexdigest()[:8]
+    room = BUCKET_NAME_LIMIT - len(BUCKET_SUFFIX) - len(digest) - 1
+    return host_name.replace(".", "-")[:room].rstrip("-") + "-" + digest + BUCKET_SUFFIX
+
+
+def bucket_name_problem(name: str) -> str | None:
+    """Why S3 (or Spaces) would refuse NAME as a bucket name, or None."""
+    if not BUCKET_RE.match(name):
+        return (
+            "not a bucket name; accepted: 3 to 63 lower case letters, digits and hyphens, "
+            "starting and ending with a letter or digit (no dots)"
+        )
+    if name.startswith(BUCKET_RESERVED_PREFIXES) or name.endswith(BUCKET_RESERVED_SUFFIXES):
+        reserved = ", ".join(
+            [*(f"{p}..." for p in BUCKET_RESERVED_PREFIXES), *(f"...{s}" for s in BUCKET_RESERVED_SUFFIXES)]
+        )
+        return f"a bucket name S3 reserves; accepted: a name without {reserved}"
+    return None
+
+
 @dataclass(frozen=True)
 class _Backup:
     target: BackupTarget
@@ -656,30 +704,49 @@ class _Backup:
     region: str
 
 
-# DigitalOcean's regions with Spaces (docs.digitalocean.com/products/spaces/details/availability/).
-SPACES_REGIONS = frozenset({"nyc3", "sfo2", "sfo3", "ams3", "sgp1", "fra1", "syd1", "blr1", "lon1", "tor1", "atl1"})
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
-AWS_REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
+def _backup_region(p: _Parser, target: BackupTarget, droplet_region: str, ses_region: str) -> str:
+    given = p.string("backupRegion")
+    if target is BackupTarget.S3:
+        region = given or ses_region
+        accepted = "accepted: an AWS region such as us-east-1 or eu-central-1"
+        if given and not AWS_REGION_RE.match(given):
+            p.problem("backupRegion", given, f"not an AWS region name; {accepted}")
+        elif not AWS_REGION_RE.match(region) and not any(q.startswith("sesRegion:") for q in p.problems):
+            p.problems.append(
+                f"backupRegion: empty means sesRegion, {region!r}, which is not an AWS region name; "
+                f"{accepted}, in backupRegion or sesRegion"
+            )
+        return region
+    if target is BackupTarget.SPACES:
+        region = given or droplet_region
+        if region and region not in SPACES_REGIONS:
+            accepted = ", ".join(sorted(SPACES_REGIONS))
+            if given:
+                p.problem("backupRegion", region, f"not a DigitalOcean region with Spaces; accepted: {accepted}")
+            else:
+                p.problems.append(
+                    f"backupRegion: empty means the droplet's region, {region!r}, which has no Spaces; "
+                    f"accepted: set backupRegion to one of {accepted}"
+                )
+        return region
+    return given
 
 
 def _backup(p: _Parser, host_name: str, droplet_region: str, ses_region: str) -> _Backup:
-    """Where the off-site backup goes: the target, its bucket and its region (derived when unset)."""
+    """Where the mail's off-site backup goes: the target, its bucket and the bucket's region."""
     target = p.choice("backupTarget", BackupTarget)
-    bucket = p.string("backupBucket") or f"{host_name.replace('.', '-')}-mail-backup"[-63:].lstrip("-")
-    if target is not BackupTarget.NONE and not BUCKET_RE.match(bucket):
-        p.problem("backupBucket", bucket, "not a bucket name; accepted: 3 to 63 lower case letters, digits and hyphens")
-    region = p.string("backupRegion")
-    if target is BackupTarget.SPACES:
-        region = region or droplet_region
-        if region not in SPACES_REGIONS:
-            p.problem(
-                "backupRegion", region, f"not a region with Spaces; accepted: {', '.join(sorted(SPACES_REGIONS))}"
+    given = p.string("backupBucket")
+    bucket = given or (default_backup_bucket(host_name) if host_name else "")
+    if target is not BackupTarget.NONE and bucket:
+        reason = bucket_name_problem(bucket)
+        if reason and given:
+            p.problem("backupBucket", bucket, reason)
+        elif reason:
+            p.problems.append(
+                f"backupBucket: empty means {bucket!r} (from hostName), which is {reason.split('; ')[0]}; "
+                "accepted: set backupBucket to a name of 3 to 63 lower case letters, digits and hyphens"
             )
-    elif target is BackupTarget.S3:
-        region = region or ses_region
-        if not AWS_REGION_RE.match(region):
-            p.problem("backupRegion", region, "not an AWS region; accepted: a name like us-east-1 or eu-west-1")
-    return _Backup(target, bucket, region)
+    return _Backup(target, bucket, _backup_region(p, target, droplet_region, ses_region))
 
 
 def _dkim_selector(p: _Parser) -> str:
@@ -760,10 +827,10 @@ def parse_settings(
         backup_target=backup.target,
         backup_bucket=backup.bucket,
         backup_region=backup.region,
-        backup_hour=p.integer("backupHour", 0, 23),
-        backup_keep_daily=p.integer("backupKeepDaily", 1, 3650),
-        backup_keep_weekly=p.integer("backupKeepWeekly", 1, 520),
-        backup_keep_monthly=p.integer("backupKeepMonthly", 1, 120),
+        backup_hour=p.integer("backupHour", *BACKUP_HOUR_RANGE),
+        backup_keep_daily=p.integer("backupKeepDaily", *BACKUP_KEEP_RANGE),
+        backup_keep_weekly=p.integer("backupKeepWeekly", *BACKUP_KEEP_RANGE),
+        backup_keep_monthly=p.integer("backupKeepMonthly", *BACKUP_KEEP_RANGE),
         relay=relay.relay,
         ses_region=relay.ses_region,
         smtp2go_username=relay.smtp2go_username,

@@ -237,6 +237,12 @@ class StandInCloud(pulumi_mocks.Mocks):
                 args.name,
                 lambda: {"secret": secrets.token_urlsafe(30), "sesSmtpPasswordV4": "B" + secrets.token_urlsafe(32)},
             )
+        elif kind == "digitalocean:index/spacesKey:SpacesKey":
+            state |= _generated(
+                kind,
+                args.name,
+                lambda: {"accessKey": "DO" + secrets.token_hex(9).upper(), "secretKey": secrets.token_urlsafe(32)},
+            )
         elif kind == "cloudflare:index/apiToken:ApiToken":
             state |= _generated(kind, args.name, lambda: {"value": secrets.token_urlsafe(30)})
         elif kind == "random:index/randomPassword:RandomPassword":

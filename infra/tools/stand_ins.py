@@ -20,6 +20,9 @@ def placeholder_secrets() -> ServerSecrets:
         relay_password="<secret: the relay SMTP password from Pulumi state>",
         certbot_token="<secret: the Cloudflare DNS token from Pulumi state>",
         webmail_des_key="<secret: webmail key>",
+        backup_access_key_id="<backup bucket access key id>",
+        backup_secret_access_key="<secret: the backup bucket's secret key from Pulumi state>",
+        backup_password="<secret: the restic repository password from Pulumi state>",
     )
 
 
@@ -38,4 +41,7 @@ def generated_secrets() -> ServerSecrets:
         relay_password=secrets.token_urlsafe(32),
         certbot_token=secrets.token_urlsafe(30),
         webmail_des_key=secrets.token_hex(12),
+        backup_access_key_id="AKIA" + secrets.token_hex(8).upper(),
+        backup_secret_access_key=secrets.token_urlsafe(30),
+        backup_password=secrets.token_hex(20),
     )

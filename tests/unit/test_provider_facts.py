@@ -127,7 +127,7 @@ def test_no_remote_command_sends_its_previous_output_as_environment() -> None:
 
 
 def statement(run: OfflineRun) -> dict[str, Any]:
-    (only,) = json.loads(run.one("aws:iam/userPolicy:UserPolicy").inputs["policy"])["Statement"]
+    (only,) = json.loads(run.named("ses-smtp-send").inputs["policy"])["Statement"]
     assert isinstance(only, dict)
     return only
 
@@ -173,7 +173,7 @@ def test_names_fit_the_apis_limits_for_any_domain() -> None:
         assert bounded_name(prefix, "b" + longest[1:], limit, suffix) != name, "two domains, one name"
     # A name that fits is left as it was, so existing stacks keep their resources.
     run = offline_run("dev")
-    assert run.one("aws:iam/user:User").inputs["name"] == "mailroom-smtp-example-net"
+    assert run.named("ses-smtp-user").inputs["name"] == "mailroom-smtp-example-net"
     assert (
         run.one("aws:sesv2/configurationSet:ConfigurationSet").inputs["configurationSetName"] == "mailroom-example-net"
     )

@@ -105,12 +105,12 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], list[str]]] = [
     ("unknown backup target", {"backupTarget": "tape"}, ["backupTarget", "'tape'", "s3, spaces, none"]),
     ("bucket not a name", {"backupBucket": "Mail_Backup"}, ["backupBucket", "'Mail_Backup'", "not a bucket name"]),
     ("backup hour past midnight", {"backupHour": 24}, ["backupHour", "24", "0 to 23"]),
-    ("no daily snapshot kept", {"backupKeepDaily": 0}, ["backupKeepDaily", "1 to 3650"]),
+    ("no daily snapshot kept", {"backupKeepDaily": 0}, ["backupKeepDaily", "1 to 1000"]),
     ("s3 region not aws", {"backupRegion": "nyc3"}, ["backupRegion", "'nyc3'", "not an AWS region"]),
     (
         "spaces where there are none",
         {"backupTarget": "spaces", "region": "nyc1"},
-        ["backupRegion", "'nyc1'", "not a region with Spaces", "nyc3"],
+        ["backupRegion", "'nyc1'", "which has no Spaces", "nyc3"],
     ),
     ("alert address not one", {"doAlertEmail": "ops"}, ["doAlertEmail", "'ops'", "not an e-mail address"]),
     # What a shell would run: a setting reaches root's scripts (quoted there as well).

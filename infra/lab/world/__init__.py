@@ -18,9 +18,9 @@ from pathlib import Path
 
 import dns.reversename
 
+from infra.core import backup
 from infra.core.dns import zone_file
 from infra.core.facts import ses_smtp_endpoint
-from infra.core import backup
 from infra.lab.network import (
     ACME_IP,
     CLOUDFLARE_API,
@@ -88,9 +88,9 @@ def _world_process(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["ip", "netns", "exec", WORLD_NS, *argv], stdout=subprocess.DEVNULL, stderr=log)
 
 
-def state_value(run: OfflineRun, type_: str, key: str) -> str:
+def state_value(run: OfflineRun, name: str, key: str) -> str:
     """A secret as the stack's state holds it (the stand-in cloud's answer), or "" with no such resource."""
-    found = run.of_type(type_)
+    found = [r for r in run.resources if r.name == name]
     return str(found[0].state[key]) if found else ""
 
 
@@ -104,12 +104,12 @@ def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) 
     ses_user = str(run.outputs.get("sesSmtpUsername", ""))
     ses = certificates["ses"]
     # The SMTP user's policy as the program declares it: the stand-in refuses what it refuses.
-    policies = [r.inputs["policy"] for r in run.of_type("aws:iam/userPolicy:UserPolicy")]
+    policies = [r.inputs["policy"] for r in run.resources if r.name == "ses-smtp-send"]
     policy = STATE_DIR / "ses-policy.json"
     policy.write_text(policies[0] if policies else '{"Statement": []}')
     processes["ses"] = _world_process("ses", [
         *module, "ses", str(STATE_DIR / "ses"), SES_IP, ses_smtp_endpoint(run.settings.ses_region), ses_user,
-        str(secret_file("ses-password", state_value(run, "aws:iam/accessKey:AccessKey", "sesSmtpPasswordV4"))),
+        str(secret_file("ses-password", state_value(run, "ses-smtp-key", "sesSmtpPasswordV4"))),
         str(ses.certificate), str(ses.key), str(policy),
     ])  # fmt: skip
     api = certificates["cloudflare"]
@@ -120,7 +120,7 @@ def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) 
     token_networks.write_text(json.dumps(condition.get("requestIp", {}).get("ins", [])))
     processes["cloudflare"] = _world_process("cloudflare", [
         *module, "cloudflare", str(api_dir), CLOUDFLARE_IP, run.settings.domain,
-        str(secret_file("cloudflare-token", state_value(run, "cloudflare:index/apiToken:ApiToken", "value"))),
+        str(secret_file("cloudflare-token", state_value(run, "zone-certbot-token", "value"))),
         str(api.certificate), str(api.key), str(token_networks),
     ])  # fmt: skip
     if backup.enabled(run.settings):

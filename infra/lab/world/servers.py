@@ -388,9 +388,9 @@ def ses_api_server(api: SesApi, address: str, port: int = 0) -> Any:
 def serve_s3(address: str, hostname: str, bucket: str, region: str, cert: Path, key: Path) -> None:
     """moto's S3 over HTTPS as HOSTNAME (a lab CA certificate), holding BUCKET with versioning on,
     as the program declares it. It takes any access key: the key's policy is asserted under mocks."""
-    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from moto.s3.models import s3_backends
-    from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import run_simple
 
     backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]

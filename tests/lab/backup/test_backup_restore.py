@@ -74,7 +74,9 @@ def seen(lab: LabInfo) -> Mailbox:
                     head = part[0].decode()
                     uid = int(re.search(r"UID (\d+)", head).group(1))  # type: ignore[union-attr]
                     flags = " ".join(sorted(re.search(r"FLAGS \(([^)]*)\)", head).group(1).split()))  # type: ignore[union-attr]
-                    items.append((uid, part[1].decode().split(":", 1)[1].strip(), flags.replace("\\Recent", "").strip()))
+                    items.append(
+                        (uid, part[1].decode().split(":", 1)[1].strip(), flags.replace("\\Recent", "").strip())
+                    )
             found[folder] = (int(validity[0]), sorted(items))
         return found
 
