@@ -135,6 +135,22 @@ def write_result(config: dict[str, Any], result: dict[str, Any]) -> None:
     tmp.replace(target)
 
 
+# Sundays: pruning rewrites packs (time, memory and requests), so once a week; forget is nightly.
+PRUNE_WEEKDAY = 6
+
+
+def forget(config: dict[str, Any], prune: bool) -> None:
+    """Drop the snapshots past the keep (backupKeepDaily/Weekly/Monthly) of this host's backups."""
+    keep = config.get("keep")
+    if not keep:
+        return
+    restic(
+        config, "forget", "--tag", "mailroom", "--host", config["host"],
+        "--keep-daily", str(keep["daily"]), "--keep-weekly", str(keep["weekly"]),
+        "--keep-monthly", str(keep["monthly"]), *(["--prune"] if prune else []),
+    )  # fmt: skip
+
+
 def nightly(config: dict[str, Any]) -> int:
     started = time.time()
     previous = Path(config["result"])
@@ -143,6 +159,9 @@ def nightly(config: dict[str, Any]) -> int:
     result: dict[str, Any] = {"started": started, "ok": False, "last_success": last_success}
     try:
         result["initialised"] = ensure_repository(config)
+        # Locks left by a run that died (or brought back by undeleting the bucket): only the stale
+        # ones go, a lock of a restic still running stays.
+        restic(config, "unlock", timeout=600)
         paths = stage(config)
         summary = restic(
             config, "backup", "--json", "--host", config["host"], "--tag", "mailroom",
@@ -156,7 +175,9 @@ def nightly(config: dict[str, Any]) -> int:
             bytes=done.get("total_bytes_processed", 0),
             added=done.get("data_added", 0),
         )
-        # A sample of the packs read back and verified each night: over a month, all of them.
+        forget(config, prune=time.gmtime(started).tm_wday == PRUNE_WEEKDAY)
+        # A random sample of the packs read back and verified each night: a damaged pack is found
+        # within weeks, not at the restore.
         restic(config, "check", f"--read-data-subset={config['check_subset']}")
         result["ok"] = True
         result["last_success"] = started

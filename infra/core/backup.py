@@ -62,4 +62,9 @@ def backup_config(settings: Settings) -> dict[str, Any]:
         # Dovecot rebuilds its cache; the credentials are not the backup's to keep.
         "exclude": [BACKUP_ENV, "dovecot.index.cache"],
         "check_subset": CHECK_SUBSET,
+        "keep": {
+            "daily": settings.backup_keep_daily,
+            "weekly": settings.backup_keep_weekly,
+            "monthly": settings.backup_keep_monthly,
+        },
     }

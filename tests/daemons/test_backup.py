@@ -301,3 +301,18 @@ def test_the_servers_key_backs_up_and_prunes_but_cannot_destroy_the_history(
     snap = second
     script.restic(config, "restore", snap["id"], "--target", str(tmp_path / "back"))
     assert (tmp_path / "back" / data.relative_to("/") / "message").read_text().endswith("the second night\n")
+
+
+def test_forget_keeps_what_the_settings_say_and_prunes_on_request(config: dict[str, Any], tmp_path: Path) -> None:
+    script.ensure_repository(config)
+    data = tmp_path / "mail"
+    data.mkdir()
+    for night in range(3):
+        (data / "message").write_text(f"night {night}\n")
+        script.restic(config, "backup", "--host", "mail.example.net", "--tag", "mailroom", str(data))
+    keep = {"host": "mail.example.net", "keep": {"daily": 1, "weekly": 1, "monthly": 1}}
+    script.forget({**config, **keep}, prune=True)
+    # Three snapshots of one day: the newest is the day's, the week's and the month's.
+    (left,) = script.snapshots(config)
+    script.restic(config, "restore", left["id"], "--target", str(tmp_path / "back"))
+    assert (tmp_path / "back" / data.relative_to("/") / "message").read_text() == "night 2\n"
