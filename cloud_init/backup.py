@@ -26,6 +26,7 @@ back by it into a mailbox that remembers the deletion: dsync honours expunges it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -90,9 +91,9 @@ def ensure_repository(config: dict[str, Any]) -> bool:
 
 def users() -> list[tuple[str, str]]:
     """(user, home) of every mailbox Dovecot knows."""
-    listed = run("doveadm", "user", "-f", "home", "*").split()
+    # `doveadm user -f home '*'` lists the names only: the home is asked for user by user.
     names = run("doveadm", "user", "*").split()
-    return list(zip(names, listed, strict=True))
+    return [(name, run("doveadm", "user", "-f", "home", name).strip()) for name in names]
 
 
 def stage(config: dict[str, Any]) -> list[str]:
@@ -140,12 +141,14 @@ PRUNE_WEEKDAY = 6
 
 
 def forget(config: dict[str, Any], prune: bool) -> None:
-    """Drop the snapshots past the keep (backupKeepDaily/Weekly/Monthly) of this host's backups."""
+    """Drop the snapshots past the keep (backupKeepDaily/Weekly/Monthly) of this host's backups,
+    all in one group (restic groups by paths too by default: a user's first Sieve script would
+    start a new group and keep the old one's snapshots forever)."""
     keep = config.get("keep")
     if not keep:
         return
     restic(
-        config, "forget", "--tag", "mailroom", "--host", config["host"],
+        config, "forget", "--tag", "mailroom", "--host", config["host"], "--group-by", "host,tags",
         "--keep-daily", str(keep["daily"]), "--keep-weekly", str(keep["weekly"]),
         "--keep-monthly", str(keep["monthly"]), *(["--prune"] if prune else []),
     )  # fmt: skip
@@ -155,7 +158,9 @@ def nightly(config: dict[str, Any]) -> int:
     started = time.time()
     previous = Path(config["result"])
     # The newest good run is carried over a failed one: the status check tells how old the mail's backup is.
-    last_success = json.loads(previous.read_text()).get("last_success") if previous.exists() else None
+    last_success = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # none yet, or unreadable: none
+        last_success = json.loads(previous.read_text()).get("last_success")
     result: dict[str, Any] = {"started": started, "ok": False, "last_success": last_success}
     try:
         result["initialised"] = ensure_repository(config)
@@ -196,6 +201,23 @@ def snapshots(config: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(listed, key=lambda s: str(s["time"]))
 
 
+def restore_sieve(saved: Path, home: Path) -> None:
+    """The user's Sieve scripts back, each one they do not have now (a script written since the
+    backup wins), and the active one again if none is active (Dovecot makes an empty ~/sieve on
+    its own at the first delivery, so the folder's being there says nothing)."""
+    if not (saved / "sieve").is_dir():
+        return
+    (home / "sieve").mkdir(mode=0o700, parents=True, exist_ok=True)
+    for script in (saved / "sieve").glob("*.sieve"):
+        if not (home / "sieve" / script.name).exists():
+            shutil.copy2(script, home / "sieve" / script.name)
+    active, live = saved / ".dovecot.sieve", home / ".dovecot.sieve"
+    if active.is_symlink() and not live.exists():
+        live.unlink(missing_ok=True)  # a dangling link: its script is gone
+        live.symlink_to(active.readlink())
+    subprocess.run(["chown", "-R", "-h", "vmail:vmail", str(home)], check=True)
+
+
 def restore(config: dict[str, Any], snapshot: str, mailbox: str | None) -> int:
     staging = Path(config["staging_dir"])
     known = [u for u, _ in users()]
@@ -221,13 +243,7 @@ def restore(config: dict[str, Any], snapshot: str, mailbox: str | None) -> int:
                 continue
             run("doveadm", "sync", "-1", "-R", "-u", user, f"maildir:{copy}", timeout=3 * 3600)
             home = Path(homes[user])
-            sieve = target / str(home).lstrip("/") / "sieve"
-            if sieve.is_dir() and not (home / "sieve").exists():  # the user's scripts, unless they have new ones
-                shutil.copytree(sieve, home / "sieve", symlinks=True)
-                active = target / str(home).lstrip("/") / ".dovecot.sieve"
-                if active.is_symlink() and not (home / ".dovecot.sieve").exists():
-                    (home / ".dovecot.sieve").symlink_to(active.readlink())
-                subprocess.run(["chown", "-R", "-h", "vmail:vmail", str(home)], check=True)
+            restore_sieve(target / str(home).lstrip("/"), home)
             report["mailboxes"].append({"mailbox": user, "restored": True})
         print(json.dumps(report))
         return 0

@@ -218,6 +218,8 @@ class MailBackup(pulumi.ComponentResource):
                     noncurrent_version_expiration=do.SpacesBucketLifecycleRuleNoncurrentVersionExpirationArgs(
                         days=args.retention_days
                     ),
+                    # A delete marker left alone once its versions expired (restic's old locks).
+                    expiration=do.SpacesBucketLifecycleRuleExpirationArgs(expired_object_delete_marker=True),
                     abort_incomplete_multipart_upload_days=MULTIPART_ABORT_DAYS,
                 )
             ],

@@ -60,7 +60,8 @@ def backup_config(settings: Settings) -> dict[str, Any]:
         # The server's own settings and records; the secrets are the stack's to give again.
         "extra_paths": ["/etc/mailroom"],
         # Dovecot rebuilds its cache; the credentials are not the backup's to keep.
-        "exclude": [BACKUP_ENV, "dovecot.index.cache"],
+        # Nor the TLS key: certbot issues a new certificate for a new server.
+        "exclude": [BACKUP_ENV, "/etc/mailroom/tls", "dovecot.index.cache"],
         "check_subset": CHECK_SUBSET,
         "keep": {
             "daily": settings.backup_keep_daily,

@@ -21,6 +21,7 @@ import dns.reversename
 from infra.core import backup
 from infra.core.dns import zone_file
 from infra.core.facts import ses_smtp_endpoint
+from infra.core.settings import Settings
 from infra.lab.network import (
     ACME_IP,
     CLOUDFLARE_API,
@@ -38,6 +39,16 @@ from infra.lab.world.pki import IssuedCertificate, LabCA
 from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6, OfflineRun
 
 
+def s3_names(settings: Settings) -> list[str]:
+    """The names restic's S3 client (minio-go) may reach the bucket by: the endpoint, and for
+    Amazon's the dual-stack one, each also with the bucket as a subdomain (virtual-host style)."""
+    endpoint = backup.endpoint(settings)
+    hosts = [endpoint]
+    if endpoint.startswith("s3."):
+        hosts.append(endpoint.replace("s3.", "s3.dualstack.", 1))
+    return [*hosts, *(f"{settings.backup_bucket}.{h}" for h in hosts)]
+
+
 def make_certificates(run: OfflineRun) -> dict[str, IssuedCertificate]:
     """A lab CA (the host trusts it, as a droplet trusts public CAs) and a certificate for each
     outside server the host reaches by name."""
@@ -46,7 +57,7 @@ def make_certificates(run: OfflineRun) -> dict[str, IssuedCertificate]:
         "ses": ca.issue("ses", [ses_smtp_endpoint(run.settings.ses_region)]),
         "cloudflare": ca.issue("cloudflare", [CLOUDFLARE_API]),
         "acme": ca.issue("acme", [acme.ACME_NAME], [ACME_IP]),
-        "s3": ca.issue("s3", [backup.endpoint(run.settings)]),
+        "s3": ca.issue("s3", s3_names(run.settings)),
     }
 
 
@@ -67,7 +78,7 @@ def lab_zone(run: OfflineRun) -> str:
         f"lab-root. 3600 IN A {DNS_IP}",
         f"{ses_smtp_endpoint(s.ses_region)}. 300 IN A {SES_IP}",
         f"{CLOUDFLARE_API}. 300 IN A {CLOUDFLARE_IP}",
-        f"{backup.endpoint(s)}. 300 IN A {S3_IP}",
+        *(f"{name}. 300 IN A {S3_IP}" for name in s3_names(s)),
         f"{acme.ACME_NAME}. 300 IN A {ACME_IP}",
         f"{REMOTE_DOMAIN}. 300 IN A {REMOTE_IP}",
         f"{REMOTE_DOMAIN}. 300 IN MX 10 mx.{REMOTE_DOMAIN}.",
