@@ -124,6 +124,9 @@ def stage(config: dict[str, Any]) -> list[str]:
     elif config["spam_filter"] == "rspamd":
         # A consistent snapshot of Redis (rspamd's Bayes and fuzzy data), as Redis writes its own.
         run("redis-cli", "--rdb", str(learned / "redis.rdb"))
+    if config["spam_filter"] in ("spamassassin", "rspamd"):
+        # How much it had learned, for the restore to compare with the live filter's.
+        (learned / "learned.json").write_text(json.dumps({"messages": _learned(config)}) + "\n")
     paths += config["extra_paths"]
     return paths
 
@@ -218,6 +221,65 @@ def restore_sieve(saved: Path, home: Path) -> None:
     subprocess.run(["chown", "-R", "-h", "vmail:vmail", str(home)], check=True)
 
 
+def _bayes_learned(user: str) -> int:
+    """How many messages SpamAssassin's Bayes has learned (0 for none, or no database yet)."""
+    done = subprocess.run(
+        ["runuser", "-u", user, "--", "sa-learn", "--dump", "magic"], capture_output=True, text=True, check=False
+    )
+    # Lines like "0.000  0  12  0  non-token data: nspam".
+    counts = [int(line.split()[2]) for line in done.stdout.splitlines() if line.endswith(("nspam", "nham"))]
+    return sum(counts) if done.returncode == 0 else 0
+
+
+def _rspamd_learned() -> int:
+    """How many messages rspamd's Bayes has learned: its counters in Redis (the hash RS; other keys,
+    the history among them, are written by any running rspamd and say nothing of learning)."""
+    counts = run("redis-cli", "hmget", "RS", "learns_spam", "learns_ham").split()
+    return sum(int(c) for c in counts if c.isdigit())
+
+
+def _learned(config: dict[str, Any]) -> int:
+    if config["spam_filter"] == "spamassassin":
+        return _bayes_learned(config["spamd_user"])
+    return _rspamd_learned()
+
+
+def restore_learning(config: dict[str, Any], saved: Path) -> str:
+    """The spam filter's learning back into a filter that knows less than the snapshot's: a new
+    server's, which learns on its own from its first mail (autolearn) and so is rarely empty by the
+    time its owner restores. A live filter that has learned as much or more is left alone."""
+    if config["spam_filter"] not in ("spamassassin", "rspamd"):
+        return "no spam filter learning"
+    record = saved / "learned.json"
+    data = saved / ("bayes.dump" if config["spam_filter"] == "spamassassin" else "redis.rdb")
+    if not data.is_file() or not record.is_file():
+        return "not in this snapshot"
+    then, now = int(json.loads(record.read_text())["messages"]), _learned(config)
+    if now >= then:
+        return f"kept the live one: it has learned {now} messages, the snapshot {then}"
+    if config["spam_filter"] == "spamassassin":
+        user = config["spamd_user"]
+        with tempfile.NamedTemporaryFile("w", prefix="bayes-", suffix=".dump", delete=False) as copy:
+            copy.write(data.read_text())
+        try:
+            shutil.chown(copy.name, user)
+            # --restore empties the database before it reads the dump back.
+            run("runuser", "-u", user, "--", "sa-learn", "--restore", copy.name)
+        finally:
+            Path(copy.name).unlink()
+    else:
+        directory = run("redis-cli", "config", "get", "dir").split()[1]
+        name = run("redis-cli", "config", "get", "dbfilename").split()[1]
+        # Redis reads its snapshot at start: stopped (it saves its own file), that file replaced, started.
+        run("systemctl", "stop", "redis-server")
+        try:
+            shutil.copyfile(data, Path(directory) / name)
+            shutil.chown(Path(directory) / name, "redis", "redis")
+        finally:
+            run("systemctl", "start", "redis-server")
+    return f"restored ({_learned(config)} messages learned; the live filter had {now})"
+
+
 def restore(config: dict[str, Any], snapshot: str, mailbox: str | None) -> int:
     staging = Path(config["staging_dir"])
     known = [u for u, _ in users()]
@@ -229,6 +291,8 @@ def restore(config: dict[str, Any], snapshot: str, mailbox: str | None) -> int:
     target = Path(tempfile.mkdtemp(prefix=".restore-", dir=config["mail_dir"]))
     try:
         includes = [f"--include={staging}/{u}" for u in chosen]
+        if mailbox is None:  # the whole server: the spam filter's learning too
+            includes.append(f"--include={staging}/spam-filter")
         homes = dict(users())
         for user in chosen:
             includes += [f"--include={homes[user]}/sieve", f"--include={homes[user]}/.dovecot.sieve"]
@@ -245,6 +309,8 @@ def restore(config: dict[str, Any], snapshot: str, mailbox: str | None) -> int:
             home = Path(homes[user])
             restore_sieve(target / str(home).lstrip("/"), home)
             report["mailboxes"].append({"mailbox": user, "restored": True})
+        if mailbox is None:
+            report["learning"] = restore_learning(config, target / str(staging).lstrip("/") / "spam-filter")
         print(json.dumps(report))
         return 0
     finally:

@@ -342,6 +342,8 @@ def backup_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     else:
         for box in answer["mailboxes"]:
             print(f"{box['mailbox']}: " + ("restored" if box["restored"] else f"not restored ({box['why']})"))
+        if "learning" in answer:
+            print(f"spam filter learning: {answer['learning']}")
     return 0
 
 

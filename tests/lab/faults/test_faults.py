@@ -349,12 +349,16 @@ def test_a_replaced_host_on_the_same_volume_keeps_every_mailbox_message_and_the_
                 imap.login(*login)
                 _, listed = imap.list()
                 # Each line: (FLAGS) "SEPARATOR" NAME, the name quoted when it holds a space.
+                # A parent made only to hold another (Projects of Projects/2026) is \Noselect: no messages.
                 folders = [
-                    ln.decode().split(") ", 1)[1].split(" ", 1)[1].strip('"') for ln in listed if isinstance(ln, bytes)
+                    ln.decode().split(") ", 1)[1].split(" ", 1)[1].strip('"')
+                    for ln in listed
+                    if isinstance(ln, bytes) and b"\\Noselect" not in ln and b"\\NonExistent" not in ln
                 ]
                 for folder in folders:
                     _, status = imap.status(f'"{folder}"', "(UIDVALIDITY)")
-                    imap.select(f'"{folder}"', readonly=True)
+                    typ, why = imap.select(f'"{folder}"', readonly=True)
+                    assert typ == "OK", f"{folder}: {why}"
                     _, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
                     uids = []
                     for part in data:
