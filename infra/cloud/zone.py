@@ -74,9 +74,10 @@ class MailZone(pulumi.ComponentResource):
         self.name_servers = zone.name_servers
 
         # Which records exist depends on the settings alone; the facts fill in their values.
-        # So every record is declared here, at the top level, and previews show them all.
+        # So every record is declared here, at the top level, and previews show them all (all but
+        # the not-offered SRV records: infra.core.dns.NOT_OFFERED says why).
         every = facts.apply(lambda f: {r.key: r for r in records(settings, f)})
-        for shape in records(settings, Facts.placeholder(settings)):
+        for shape in (r for r in records(settings, Facts.placeholder(settings)) if r.hosted):
             record: pulumi.Output[Record] = every.apply(operator.itemgetter(shape.key))
             cloudflare.DnsRecord(
                 f"{name}-{shape.key}",

@@ -16,6 +16,13 @@ from infra.core.facts import IMAPS_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT
 from infra.core.settings import MtaStsMode, Relay, Settings
 
 TXT_CHUNK = 255
+# RFC 6186 §3.4 SRV records saying a service is not offered (target "."). Kept in the BIND export,
+# not declared to Cloudflare: its API has answered such a record's target as `false` rather than
+# a string (DNSControl issue 561), refused an empty one (octodns issue 640), and the provider's v5
+# line (pulumi-cloudflare 6.x) has shown SRV `data` drifting on every plan (terraform-provider-cloudflare
+# issues 5405 and 5383). A diff on every `pulumi up`, or a refused create, costs more than the
+# hint is worth: clients that find no _imap or _pop3 SRV try the ones that are there.
+NOT_OFFERED = ("imap", "pop3", "pop3s")
 # Host addresses change when the droplet is replaced: keep their TTL short.
 TTL_ADDRESS = 300
 TTL_DEFAULT = 3600
@@ -67,6 +74,9 @@ class Record:
     port: int | None = None  # SRV
     flags: int | None = None  # CAA
     tag: str | None = None  # CAA
+    # False: in the BIND export only, never declared to Cloudflare nor expected by the status check
+    # (see NOT_OFFERED).
+    hosted: bool = True
 
     def txt_strings(self) -> tuple[str, ...]:
         """The TXT value split into character-strings of at most 255 bytes (RFC 1035 §3.3)."""
@@ -139,9 +149,10 @@ def records(settings: Settings, facts: Facts) -> list[Record]:
         Record("srv-submission", "SRV", f"_submission._tcp.{d}", host, priority=0, weight=1, port=SUBMISSION_PORT),
         Record("srv-submissions", "SRV", f"_submissions._tcp.{d}", host, priority=0, weight=1, port=SUBMISSIONS_PORT),
         Record("srv-imaps", "SRV", f"_imaps._tcp.{d}", host, priority=0, weight=1, port=IMAPS_PORT),
-        Record("srv-imap", "SRV", f"_imap._tcp.{d}", ".", priority=0, weight=0, port=0),
-        Record("srv-pop3", "SRV", f"_pop3._tcp.{d}", ".", priority=0, weight=0, port=0),
-        Record("srv-pop3s", "SRV", f"_pop3s._tcp.{d}", ".", priority=0, weight=0, port=0),
+        *(
+            Record(f"srv-{service}", "SRV", f"_{service}._tcp.{d}", ".", priority=0, weight=0, port=0, hosted=False)
+            for service in NOT_OFFERED
+        ),
         Record("autoconfig", "CNAME", f"autoconfig.{d}", host),
         Record("autodiscover", "CNAME", f"autodiscover.{d}", host),
         Record("caa-issue", "CAA", d, settings.caa_issuer, flags=0, tag="issue"),
@@ -174,7 +185,8 @@ def _ses_records(settings: Settings, tokens: Sequence[str]) -> list[Record]:
 
 
 def zone_file(settings: Settings, facts: Facts) -> str:
-    """The records as a BIND zone file fragment, for DNS hosted somewhere else than Cloudflare."""
+    """The records as a BIND zone file fragment, for DNS hosted somewhere else than Cloudflare
+    (the not-offered SRV records included: a zone file states them plainly)."""
     lines = [
         f"; mailroom records for {settings.domain}",
         f"$ORIGIN {settings.domain}.",

@@ -282,7 +282,7 @@ def status_config(settings: Settings, facts: Facts) -> dict[str, Any]:
         "dkim_key": chosen(settings)[0].dkim_key.format(selector=settings.dkim_selector),
         "dkim_selector": settings.dkim_selector,
         "relay": {"host": host, "port": RELAY_PORT} if host else None,
-        "records": [asdict(r) for r in records(settings, facts)],
+        "records": [asdict(r) for r in records(settings, facts) if r.hosted],
         # The nightly backup's last result, or None when backupTarget is none (a warning).
         "backup": (
             {

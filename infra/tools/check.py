@@ -163,7 +163,7 @@ def inside(target: Target) -> tuple[list[Any], dict[str, str]]:
 
 def expected_records(target: Target, dkim_key: str | None) -> list[dict[str, Any]]:
     facts = Facts(target.ipv4, target.ipv6, dkim_key or "", target.ses_dkim_tokens)
-    out = [asdict(r) for r in records(target.settings, facts)]
+    out = [asdict(r) for r in records(target.settings, facts) if r.hosted]
     return [r for r in out if dkim_key or r["key"] != "dkim"]
 
 

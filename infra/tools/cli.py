@@ -123,6 +123,8 @@ def resource_options(r: Declared) -> list[str]:
         ("secret-outputs", r.additional_secret_outputs),
     )
     flags += [f"{option}: {','.join(dict.fromkeys(values))}" for option, values in lists if values]
+    if r.depends_on:  # by name: a URN ends in its resource's name
+        flags.append(f"depends-on: {','.join(urn.split('::')[-1] for urn in r.depends_on)}")
     # A provider reference is "URN::ID", the URN ending in the provider's name.
     provider = r.provider.split("::")[-2] if r.provider.count("::") >= 4 else ""
     if provider and not provider.startswith("default"):

@@ -65,6 +65,8 @@ class Declared:
     replace_on_changes: list[str] = field(default_factory=list)
     additional_secret_outputs: list[str] = field(default_factory=list)
     dependencies: list[str] = field(default_factory=list)
+    # The URNs of depends_on: what the resource waits for beyond the resources its inputs come from.
+    depends_on: list[str] = field(default_factory=list)
     provider: str = ""
 
 
@@ -329,10 +331,18 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 replace_on_changes=list(request.replaceOnChanges),
                 additional_secret_outputs=list(request.additionalSecretOutputs),
                 dependencies=list(request.dependencies),
+                depends_on=explicit_dependencies(request),
                 provider=request.provider,
             )
         )
         return response
+
+
+def explicit_dependencies(request: Any) -> list[str]:
+    """REQUEST's dependencies that no input brought: the SDK sends depends_on and every input's
+    resources together in `dependencies`, and the inputs' alone in `propertyDependencies`."""
+    implicit = {urn for deps in request.propertyDependencies.values() for urn in deps.urns}
+    return [urn for urn in request.dependencies if urn not in implicit]
 
 
 def engine_config(raw: Mapping[str, Any]) -> dict[str, str]:

@@ -127,6 +127,7 @@ def test_plan_shows_rules_policies_and_records_readably(capsys: pytest.CaptureFi
     assert "  + aws:iam/user:User  ses-smtp-user  [provider: ses-aws]" in lines
     (apply_line,) = [line for line in lines if "  server-apply-bundle  " in line]
     assert "secret-outputs: stdout,stderr," in apply_line
+    assert apply_line.endswith("depends-on: server-install-apply-script]")  # the remote steps' order
     # DMARC and DKIM records in full, as Cloudflare gets them.
     run = offline.run_program("dev")
     by_key = {r.key: r for r in records(run.settings, run.facts())}
@@ -175,3 +176,19 @@ def test_render_with_generated_secrets_has_a_usable_deploy_key(tmp_path: Path) -
     assert rendered == user_data.replace(deploy_key, public.decode())
     (admin,) = yaml.safe_load(rendered)["users"]
     assert admin["ssh_authorized_keys"][-1] == public.decode()
+
+
+def test_plan_shows_every_option_of_every_resource(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each option a resource was declared with appears on its line, read from what the engine got."""
+    assert main(["plan", "--stack", "dev"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    run = offline.run_program("dev")
+    for r in run.resources:
+        (line,) = [ln for ln in lines if ln.split()[:3] == ["+", r.type, r.name]]
+        wanted = [flag for flag, on in (("protect", r.protect), ("retain-on-delete", r.retain_on_delete)) if on]
+        wanted += ["delete-before-replace"] * r.delete_before_replace
+        wanted += [*r.ignore_changes, *r.replace_on_changes, *r.additional_secret_outputs]
+        wanted += [urn.split("::")[-1] for urn in r.depends_on]
+        missing = [flag for flag in wanted if flag not in line]
+        assert not missing, f"{r.name}: {missing} not on {line!r}"
+    assert sum("depends-on: " in ln for ln in lines) >= 5  # every remote step waits for the one before

@@ -214,6 +214,28 @@ def test_mx_priority_is_the_top_level_attribute_of_the_pinned_provider() -> None
     assert own.inputs["content"] == run.settings.host_name
 
 
+def test_no_srv_record_with_a_null_target_goes_to_cloudflare_and_the_zone_file_keeps_them() -> None:
+    # Cloudflare's API has read a "." SRV target back as `false` (DNSControl issue 561) and refused
+    # an empty one (octodns issue 640); SRV `data` drifted on every plan in the provider's 5.x line
+    # (terraform-provider-cloudflare 5405, 5383). So the not-offered records stay in the BIND export.
+    from infra.core.dns import zone_file
+    from infra.core.render import status_config
+    from infra.tools.check import Target, expected_records
+
+    run = offline_run("dev")
+    services = [r for r in run.of_type(DNS_RECORD) if r.inputs["type"] == "SRV"]
+    assert {r.inputs["name"].split(".")[0] for r in services} == {"_submission", "_submissions", "_imaps"}
+    assert all(r.inputs["data"]["target"] == run.settings.host_name for r in services)
+    exported = zone_file(run.settings, run.facts())
+    for service in ("imap", "pop3", "pop3s"):
+        assert f"_{service}._tcp.example.net.\t3600\tIN\tSRV\t0 0 0 .\n" in exported
+    # Neither the status check nor the server's own daily check expects them on Cloudflare.
+    target = Target(run.settings, "198.51.100.10", "2001:db8::10")
+    assert not [r for r in expected_records(target, "KEY") if r["value"] == "."]
+    daily = status_config(run.settings, run.facts())["records"]
+    assert daily and not [r for r in daily if r["value"] == "."]
+
+
 # --- the providers' published schemas ----------------------------------------------------------
 
 
