@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from infra.core.facts import MAIL_DIR
 from infra.core.user_data import volume_device
 from infra.lab.host import MACHINE, boot_host, guest, run_steps, stop_host, wait_for_ssh
 from infra.lab.image import build_image
@@ -109,11 +110,12 @@ def redeploy(changes: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     return run_steps(info, remote_steps(run))
 
 
-def replace_host() -> list[dict[str, Any]]:
+def replace_host(new_volume: bool = False) -> list[dict[str, Any]]:
     """What replacing the droplet does: the old attachment's dependents deleted first (the volume
     step's delete stops mail and unmounts the volume on the old machine), then a new machine from
     the same user-data, attached to the same volume, then the program's remote commands (all of
-    them: the server id changed)."""
+    them: the server id changed). NEW_VOLUME: the volume is lost with the machine, and the new
+    machine gets a new, empty one (what `pulumi up` makes once the lost volume is gone)."""
     info = LabInfo.load()
     restore_state()
     releasing = [s for s in remote_steps(run_program(info.stack, info.overrides)) if s.delete]
@@ -121,10 +123,29 @@ def replace_host() -> list[dict[str, Any]]:
         result = guest(step.delete or "", info)
         if result.returncode != 0:
             raise LabError(f"the delete of {step.name} failed (exit {result.returncode}):\n{result.stderr.strip()}")
+    # DigitalOcean detaches a volume from a running droplet whether or not it is mounted: what was
+    # in Postfix's and Dovecot's hands then is torn. The lab refuses to move a volume still in use.
+    in_use = guest(f"mountpoint -q {MAIL_DIR} || systemctl is-active --quiet postfix dovecot", info)
+    if in_use.returncode == 0:
+        raise LabError(
+            f"the old host still has {MAIL_DIR} mounted or mail running when its volume is detached: "
+            "the steps' deletes did not release it"
+        )
     stop_host()
+    if new_volume:
+        discard_volume()
     boot_host((STATE_DIR / "user-data").read_text(), trusted_roots(), (STATE_DIR / "volume-path").read_text())
     wait_for_ssh()
     return redeploy()
+
+
+def discard_volume() -> None:
+    """The lab's volume detached and deleted: the next host gets a new, empty one."""
+    loop = STATE_DIR / "volume.loop"
+    if loop.exists():
+        sh("losetup", "-d", loop.read_text().strip(), check=False)
+        loop.unlink()
+    (STATE_DIR / "volume.img").unlink(missing_ok=True)
 
 
 def leftovers() -> list[str]:
@@ -156,9 +177,7 @@ def down() -> None:
         for leftover_pid in leftover:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(leftover_pid), signal.SIGKILL)
-    loop = STATE_DIR / "volume.loop"
-    if loop.exists():
-        sh("losetup", "-d", loop.read_text().strip(), check=False)
+    discard_volume()
     for ns in (HOST_NS, WORLD_NS):
         sh("ip", "netns", "delete", ns, check=False)
     sh("ip", "link", "delete", HOST_LINK, check=False)

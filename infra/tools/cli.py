@@ -331,11 +331,17 @@ def backup_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
     elif args.action == "list":
-        now = time.time()
-        print(f"{len(answer)} snapshot(s) in {backup.repository(settings)}, newest last:")
-        for snap in answer:
+        now, listed = time.time(), answer["snapshots"]
+        print(
+            f"{len(listed)} snapshot(s) in {backup.repository(settings)}, {answer['stored'] / 1e6:.1f} MB stored "
+            "(compressed, deduplicated, encrypted), newest last:"
+        )
+        for snap in listed:
             taken = datetime.datetime.fromisoformat(str(snap["time"])[:26].rstrip("Z")).replace(tzinfo=datetime.UTC)
-            print(f"  {snap['short_id']}  {taken:%Y-%m-%d %H:%M} UTC  {_age(now - taken.timestamp())} ago")
+            print(
+                f"  {snap['short_id']}  {taken:%Y-%m-%d %H:%M} UTC  {_age(now - taken.timestamp())} ago  "
+                f"{snap['size'] / 1e6:.1f} MB"
+            )
     elif args.action == "run":
         print(
             f"snapshot {answer.get('snapshot', '')[:8]}: {answer.get('files', 0)} files, "

@@ -130,6 +130,15 @@ def test_the_first_run_makes_the_repository_and_the_next_finds_it(config: dict[s
     script.restic(config, "backup", "--tag", "mailroom", str(data))
     (snap,) = script.snapshots(config)
     assert snap["paths"] == [str(data)]
+    # The list shows what a restore brings back and what the repository holds.
+    (data / "second").write_text("Subject: also\n\n" + "x" * 5000 + "\n")
+    script.restic(config, "backup", "--tag", "mailroom", str(data))
+    listed = script.listing(config)
+    sizes = [s["size"] for s in listed["snapshots"]]
+    message = len((data / "message").read_bytes())
+    assert sizes == [message, message + len((data / "second").read_bytes())], sizes
+    # Stored compressed (restic 0.14's repository version 2) and deduplicated: the x's take little.
+    assert 0 < listed["stored"] < sizes[-1], listed["stored"]
 
 
 def test_the_wrong_password_is_refused_and_nothing_is_initialised_over_it(

@@ -3,6 +3,7 @@ its DNS publishes."""
 
 from __future__ import annotations
 
+import email
 import smtplib
 from pathlib import Path
 
@@ -33,3 +34,13 @@ def dkim_dns(lab: state.LabInfo) -> dict[bytes, bytes]:
         if len(parts) == 5 and parts[3] == "TXT":
             answers[parts[0].encode()] = b"".join(s.encode() for s in parts[4].split('"')[1::2])
     return answers
+
+
+def status_mails(lab: state.LabInfo) -> list[email.message.Message]:
+    """The daily status check's mails to the owner, as the SES stand-in received them, oldest first."""
+    found = []
+    for path in sorted(Path(lab.ses_spool).glob("*.eml")):
+        message = email.message_from_bytes(path.read_bytes())
+        if str(message.get("Subject", "")).startswith("mailroom status of"):
+            found.append(message)
+    return found

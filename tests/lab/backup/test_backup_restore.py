@@ -21,12 +21,14 @@ import pytest
 
 from infra.core import backup
 from infra.core.facts import IMAPS_PORT, MAIL_DIR
-from infra.lab import host
+from infra.lab import deploy, host
 from infra.lab.mail import message, send_inbound, unverified
 from infra.lab.network import WORLD_NS, in_netns
 from infra.lab.state import LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4
 from tests.support.lab import LAB_MARKS
+from tests.support.mail import status_mails
+from tests.support.wait import wait_for
 
 pytestmark = LAB_MARKS
 
@@ -178,7 +180,9 @@ def test_a_stale_or_failed_backup_fails_the_status_check(lab: LabInfo, mailbox: 
         line = next(r for r in status["results"] if r["name"] == "backup")
         assert line["status"] == "failure" and "27 h old" in line["detail"], line
 
-        # A run that cannot reach the repository (a wrong password) fails, and says so.
+        # A run that cannot reach the repository (a wrong password) fails, says so, and the owner
+        # is mailed (the run starts the daily check, which mails alertEmail on a change).
+        mailed = len(status_mails(lab))
         root(f"cp {backup.BACKUP_ENV} /root/backup.env.saved", lab)
         root(f"sed -i 's/^RESTIC_PASSWORD=.*/RESTIC_PASSWORD=not-the-password/' {backup.BACKUP_ENV}", lab)
         done = cli(lab, "run")
@@ -187,6 +191,9 @@ def test_a_stale_or_failed_backup_fails_the_status_check(lab: LabInfo, mailbox: 
         line = next(r for r in status["results"] if r["name"] == "backup")
         assert line["status"] == "failure" and "the last backup failed" in line["detail"], line
         assert "not-the-password" not in line["detail"] + done.stderr
+        news = wait_for(lambda: status_mails(lab)[mailed:], 120, 1, "the status mail of the failed backup")
+        raw = news[-1].get_payload(decode=True)
+        assert isinstance(raw, bytes) and re.search(r"^FAILURE +server +backup: ", raw.decode(), re.M), raw
     finally:
         root(f"test ! -f /root/backup.env.saved || mv /root/backup.env.saved {backup.BACKUP_ENV}", lab)
         write(result, saved, lab)
@@ -298,3 +305,28 @@ def test_a_backup_taken_during_delivery_restores_whole_messages_and_a_consistent
         time.sleep(1)
     assert during == before + DELIVERIES
     root("rm -rf /root/restored", lab)
+
+
+def test_a_lost_volume_comes_back_whole_on_a_new_host(lab: LabInfo, mailbox: Mailbox) -> None:
+    """The disaster: the droplet and its volume are gone. `pulumi up` makes a new host with a new,
+    empty volume; `backup restore` brings back every folder, message, flag, UID and UIDVALIDITY,
+    the Sieve script and the spam filter's learning. (Last in this module: the host is a new one.)"""
+    from tests.support.spam import learned
+
+    assert cli(lab, "run").returncode == 0
+    before, taught = seen(lab), learned(lab, "spam")
+    alice = "alice@example.net"
+    alice_had = root(f"doveadm -f flow fetch -u {alice} guid mailbox INBOX all", lab).split()
+    assert taught > 0 and alice_had
+
+    deploy.replace_host(new_volume=True)
+    assert not root(f"doveadm search -u {USER} all", lab).strip(), "the new volume is not empty"
+
+    done = cli(lab, "restore")
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert f"{USER}: restored" in done.stdout and f"{alice}: restored" in done.stdout, done.stdout
+    assert seen(lab) == before  # same UIDVALIDITY and UIDs: a client's cache stays valid, no resync
+    assert sorted(root(f"doveadm -f flow fetch -u {alice} guid mailbox INBOX all", lab).split()) == sorted(alice_had)
+    active = root(f"doveadm sieve list -u {USER}", lab)
+    assert re.search(r"^lists\s+ACTIVE", active, re.M), f"the Sieve script is not back and active: {active}"
+    assert "spam filter learning: restored" in done.stdout and learned(lab, "spam") == taught, done.stdout

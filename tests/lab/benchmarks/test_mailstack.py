@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench import floor, mailstack
+from bench import backup, floor, mailstack
 from infra.lab import deploy, host
 from infra.lab.state import LabInfo
 
@@ -92,3 +92,12 @@ def test_the_floor_delivers_every_message_at_every_level() -> None:
     figures = floor.measure(5)
     assert [level["sessions"] for level in figures["throughput"]] == list(floor.SESSIONS)
     assert all(level["lost"] == 0 and level["delivered_msgs_per_s"] > 0 for level in figures["throughput"])
+
+
+@pytest.mark.lab
+def test_the_backup_benchmark_gets_every_message_back(lab: LabInfo) -> None:
+    figures = backup.measure(lab, 3)
+    back = figures["restore"]
+    assert back["messages_back"] == back["messages_before"] >= 3
+    assert figures["first_run"]["peak_rss_mib"] > 0 and figures["first_run"]["files"] > 0
+    assert figures["list"]["snapshots"] >= 1 and figures["list"]["repository_stored_mb"] > 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from infra.core.facts import PROJECT_DIR
 from infra.lab import deploy, state
 from infra.lab.host import guest, ssh_argv
 from infra.lab.state import LabInfo
@@ -156,6 +158,9 @@ def test_the_secrets_looked_for_are_the_ones_the_host_uses(lab: LabInfo, secrets
         else "/etc/rspamd/dkim/mail.key",
         "the token of ApiToken zone-certbot-token": "/etc/letsencrypt/mailroom-cloudflare.ini",
         **{f"the password hash of {a}": "/etc/dovecot/users" for a in lab.passwords},
+        # The backup's repository password and its key (backupTarget s3, the default).
+        "the random password of RandomPassword backup-password": "/etc/mailroom/backup.env",
+        "the secret access key of AccessKey backup-key": "/etc/mailroom/backup.env",
     }
     for name, path in expected.items():
         assert path in where.get(name, set()), f"{name} is not in {path}: the test would look for the wrong value"
@@ -203,3 +208,19 @@ def test_no_secret_in_the_system_logs(redeploy: Redeploy, lab: LabInfo, secrets:
 def test_no_secret_in_a_world_readable_file(redeploy: Redeploy, lab: LabInfo, secrets: list[Secret]) -> None:
     where = grep_host(lab, secrets, f"find {FILE_SYSTEMS} -xdev -type f -perm -o+r")
     assert where == {}, "in world-readable files: " + "; ".join(f"{n} in {sorted(p)}" for n, p in where.items())
+
+
+def test_no_secret_in_what_the_owners_tools_print(lab: LabInfo, secrets: list[Secret]) -> None:
+    """`check` (text and JSON), `backup run` and `backup list` print to the owner's terminal and CI logs."""
+    printed = []
+    for argv in (("check",), ("check", "--json"), ("backup", "run"), ("backup", "list")):
+        done = subprocess.run(
+            [sys.executable, "-m", "infra", *argv, "--lab"],
+            capture_output=True, text=True, check=False, timeout=600, cwd=PROJECT_DIR,
+        )  # fmt: skip
+        assert done.stdout.strip(), f"`{' '.join(argv)}` printed nothing: {done.stderr[-300:]}"
+        printed.append((argv, done.stdout + done.stderr))
+    assert '"results"' in printed[1][1] and "snapshot" in printed[2][1], "the tools did not report what they do"
+    for argv, text in printed:
+        found = leaks(secrets, text)
+        assert not found, f"in what `python -m infra {' '.join(argv)}` printed: {found}"

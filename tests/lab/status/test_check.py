@@ -4,7 +4,6 @@ filter modes. Then the daily timer: one mail on the first run and on a change, n
 
 from __future__ import annotations
 
-import email
 import json
 import os
 import subprocess
@@ -29,6 +28,7 @@ from infra.lab.world.pki import LabCA
 from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6
 from tests.lab.faults.faults import Outcome, flush_queue, queue, relayed_ids, send, set_relay
 from tests.support.lab import LAB_MARKS, alice
+from tests.support.mail import status_mails
 from tests.support.wait import wait_for
 
 pytestmark = LAB_MARKS
@@ -288,15 +288,6 @@ def test_a_stopped_spam_filter_fails_naming_it(lab: state.LabInfo) -> None:
     assert line.startswith(f"FAILURE  server     daemons: not running: {unit}")
     assert f"fix: sudo systemctl restart {unit}" in line
     wait_for(lambda: guest(f"systemctl is-active --quiet {unit}").returncode == 0, 60, 1, f"{unit} back")
-
-
-def status_mails(lab: state.LabInfo) -> list[email.message.Message]:
-    found = []
-    for path in sorted(Path(lab.ses_spool).glob("*.eml")):
-        message = email.message_from_bytes(path.read_bytes())
-        if str(message.get("Subject", "")).startswith("mailroom status of"):
-            found.append(message)
-    return found
 
 
 def test_the_daily_check_mails_the_owner_once_per_change(lab: state.LabInfo) -> None:
