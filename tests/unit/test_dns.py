@@ -188,6 +188,18 @@ def test_zone_file_loads_in_dnspython_with_every_record() -> None:
     assert [str(r.exchange) for r in mx] == [f"{settings.host_name}."]
 
 
+@pytest.mark.parametrize(
+    ("stack", "policy"),
+    [
+        ("dev", "version: STSv1\nmode: testing\nmx: mail.example.net\nmax_age: 86400\n"),
+        ("prod", "version: STSv1\nmode: enforce\nmx: mx1.example.org\nmax_age: 604800\n"),
+    ],
+)
+def test_the_mta_sts_policy_is_the_rfc_8461_text_for_the_stack(stack: str, policy: str) -> None:
+    # RFC 8461 §3.2: version, mode, one mx line per MX host, max_age in seconds; CRLF or LF lines.
+    assert mta_sts_policy(parse_settings(stack_config(stack, {}))) == policy
+
+
 def test_mta_sts_id_changes_exactly_when_the_policy_changes() -> None:
     testing, enforce = settings_for(), settings_for(mtaStsMode="enforce")
     assert mta_sts_policy(testing) != mta_sts_policy(enforce)

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.cloud.host import ANYWHERE, PUBLIC_TCP_PORTS
+from infra.cloud.host import ANYWHERE
 from infra.core.dns import Record, records
-from infra.core.facts import APPLY_PATH, BOOTSTRAP_MARKER, PROJECT_DIR, SSH_PORT
+from infra.core.facts import APPLY_PATH, BOOTSTRAP_MARKER, PROJECT_DIR
 from infra.core.facts import ses_smtp_endpoint as smtp_endpoint
 from infra.core.settings import SettingsError
 from infra.core.user_data import render_user_data
@@ -81,8 +81,11 @@ def test_firewall_opens_exactly_the_mail_ports_and_ssh_only_to_admins(stack: str
     run = run_for(stack, relay, spam)
     rules = run.one(FIREWALL).inputs["inboundRules"]
     opened = {(r["protocol"], r.get("portRange", ""), tuple(r["sourceAddresses"])) for r in rules}
-    expected: set[tuple[str, str, tuple[str, ...]]] = {("tcp", str(p), ANYWHERE) for p in PUBLIC_TCP_PORTS}
-    expected |= {("tcp", str(SSH_PORT), run.settings.admin_cidrs), ("icmp", "", ANYWHERE)}
+    # Written out, not read from the code under test: SMTP, submission (STARTTLS and TLS), IMAPS,
+    # ManageSieve, and HTTP/HTTPS (ACME, MTA-STS, autoconfig, webmail); no plain IMAP or POP3.
+    mail_ports = {25, 465, 587, 993, 4190, 80, 443}
+    expected: set[tuple[str, str, tuple[str, ...]]] = {("tcp", str(p), ANYWHERE) for p in mail_ports}
+    expected |= {("tcp", "22", run.settings.admin_cidrs), ("icmp", "", ANYWHERE)}
     assert opened == expected
     ssh_sources = [s for r in rules if r.get("portRange") == "22" for s in r["sourceAddresses"]]
     assert not set(ssh_sources) & set(ANYWHERE)

@@ -14,6 +14,7 @@ import pytest
 from bench import backup, floor, mailstack
 from infra.lab import deploy, host
 from infra.lab.state import LabInfo
+from tests.support.lab import main_cf_sum
 
 
 @pytest.mark.lab
@@ -49,7 +50,7 @@ def test_submission_reaches_the_relay_signed(lab: LabInfo) -> None:
 
 @pytest.mark.lab
 def test_no_filter_comparison_restores_main_cf(lab: LabInfo) -> None:
-    before = host.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout
+    before = main_cf_sum(lab)
     seen: dict[str, Any] = {}
 
     def measure() -> dict[str, Any]:
@@ -58,7 +59,7 @@ def test_no_filter_comparison_restores_main_cf(lab: LabInfo) -> None:
 
     figures = mailstack.without_milters(lab, measure)
     assert seen["milters"] == "" and figures["visible_ms"]["n"] == 2
-    assert host.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout == before
+    assert main_cf_sum(lab) == before
     assert host.guest("/usr/sbin/postconf -h smtpd_milters", lab).stdout.strip() != ""
 
 

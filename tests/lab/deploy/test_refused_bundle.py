@@ -9,7 +9,7 @@ from infra.core.steps import Step
 from infra.lab import host, state
 from infra.lab.mail import find, message, send_inbound
 from infra.lab.network import REMOTE_DOMAIN
-from tests.support.lab import LAB_MARKS, alice
+from tests.support.lab import LAB_MARKS, alice, main_cf_sum
 
 pytestmark = LAB_MARKS
 
@@ -20,7 +20,7 @@ def test_a_bundle_failing_its_checks_is_refused_and_the_server_keeps_working(lab
     bundle = json.loads(apply["stdin"])
     main_cf = next(f for f in bundle["files"] if f["path"] == "/etc/postfix/main.cf")
     main_cf["content"] += "this line is not a parameter\n"  # postfix check refuses it
-    before = host.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout
+    before = main_cf_sum(lab)
     result = host.run_steps_result(lab, Step(**{**apply, "stdin": json.dumps(bundle)}))
     assert result.returncode == 1
     assert "service postfix" in result.stderr and "refused before any was live" in result.stderr
@@ -30,7 +30,7 @@ def test_a_bundle_failing_its_checks_is_refused_and_the_server_keeps_working(lab
     assert secrets, "the bundle holds no secret file"
     leaked = [i for i, line in enumerate(secrets) if line in result.stdout + result.stderr]
     assert not leaked, f"the refused apply printed lines {leaked} of the bundle's secret files"
-    assert host.guest("sudo md5sum /etc/postfix/main.cf", lab).stdout == before
+    assert main_cf_sum(lab) == before
     user, password = alice(lab)
     msg = message(f"dana@{REMOTE_DOMAIN}", user, "still working")
     send_inbound(msg)

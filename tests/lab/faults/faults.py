@@ -158,8 +158,10 @@ def relayed_raw(info: LabInfo) -> list[bytes]:
 
 def queue(info: LabInfo) -> list[dict[str, Any]]:
     """The host's mail queue, one dict per message (postqueue -j)."""
-    out = host.guest("sudo postqueue -j", info).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+    done = host.guest("sudo postqueue -j", info)
+    # A postqueue that failed must not read as an empty queue.
+    assert done.returncode == 0, f"postqueue -j on the lab host: exit {done.returncode}: {done.stderr.strip()}"
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
 def flush_queue(info: LabInfo) -> None:
