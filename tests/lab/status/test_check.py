@@ -184,9 +184,11 @@ def test_a_changed_mta_sts_policy_fails(lab: state.LabInfo) -> None:
     assert line.startswith("FAILURE") and "mode none" in line and "is not the program's" in line
 
 
-def test_an_expiring_certificate_and_a_different_one_on_993_fail(lab: state.LabInfo) -> None:
-    """A valid certificate 5 days from expiry installed and taken up by every daemon but Dovecot."""
-    issued = LabCA(STATE_DIR / "pki").issue("expiring", ["mail.example.net"], days=5)
+@contextmanager
+def certificate_served(lab: state.LabInfo, label: str, names: list[str], days: int) -> Iterator[None]:
+    """A lab CA certificate for NAMES, DAYS from expiry, installed and taken up by every daemon
+    but Dovecot (which reads it only at a restart); the program's one back afterwards."""
+    issued = LabCA(STATE_DIR / "pki").issue(label, names, days=days)
     tls = "/etc/mailroom/tls"
     try:
         with host_file_saved(f"{tls}/fullchain.pem", f"{tls}/privkey.pem"):
@@ -197,9 +199,15 @@ def test_an_expiring_certificate_and_a_different_one_on_993_fail(lab: state.LabI
                 )  # fmt: skip
                 assert done.returncode == 0, done.stderr
             on_host("sudo postfix reload && sudo systemctl reload nginx")
-            code, output = run_check("--only", "tls", "--only", "server")
+            yield
     finally:  # the saved files are back: every daemon serves them again
         on_host("sudo postfix reload && sudo systemctl reload nginx")
+
+
+def test_an_expiring_certificate_and_a_different_one_on_993_fail(lab: state.LabInfo) -> None:
+    """A valid certificate 5 days from expiry installed and taken up by every daemon but Dovecot."""
+    with certificate_served(lab, "expiring", ["mail.example.net"], days=5):
+        code, output = run_check("--only", "tls", "--only", "server")
     assert code == 2
     assert entry(output, "tls", "port 25 STARTTLS").startswith("FAILURE  tls        port 25 STARTTLS: valid for")
     assert "4 days left" in entry(output, "tls", "port 465") or "5 days left" in entry(output, "tls", "port 465")
@@ -329,3 +337,190 @@ def _healthy_after(lab: state.LabInfo) -> Iterator[None]:
     yield
     mode = Path(lab.ses_spool) / "mode"
     assert not mode.exists() or mode.read_text().strip() == "ok"
+
+
+def test_a_certificate_for_another_name_fails(lab: state.LabInfo) -> None:
+    with certificate_served(lab, "other-name", ["other.example.net"], days=60):
+        code, output = run_check("--only", "tls")
+    assert code == 2
+    line = entry(output, "tls", "port 25 STARTTLS")
+    assert line.startswith("FAILURE  tls        port 25 STARTTLS: the certificate does not verify: Hostname mismatch")
+    assert "fix: sudo /usr/local/sbin/mailroom-certificate on the server installs the current one" in line
+    assert entry(output, "tls", "port 993").startswith("OK")  # Dovecot still has the program's
+
+
+def test_a_host_name_resolving_elsewhere_fails_the_ptr_forward_confirmation(lab: state.LabInfo) -> None:
+    with zone_changed(
+        lab, add="mail.example.net. 300 IN A 203.0.113.99", remove=f"mail.example.net. 300 IN A {DROPLET_IPV4}"
+    ):
+        code, output = run_check("--only", "addresses")
+    assert code == 2
+    line = entry(output, "addresses", "IPv4 PTR")
+    assert line.startswith(f"FAILURE  addresses  IPv4 PTR: mail.example.net does not resolve back to {DROPLET_IPV4}")
+    assert f"fix: set `mail.example.net A {DROPLET_IPV4}` (run `pulumi up`)" in line
+    assert entry(output, "addresses", "IPv6 PTR").startswith("OK")
+
+
+def test_a_listed_ipv6_address_and_a_listed_domain_fail(lab: state.LabInfo) -> None:
+    nibbles = str(dns.reversename.from_address(DROPLET_IPV6)).removesuffix(".ip6.arpa.")
+    listed = f"{nibbles}.zen.spamhaus.org. 300 IN A 127.0.0.3\nexample.net.dbl.spamhaus.org. 300 IN A 127.0.1.2"
+    with zone_changed(lab, add=listed):
+        code, output = run_check("--only", "blocklists")
+    assert code == 2
+    line = entry(output, "blocklists", f"IPv6 {DROPLET_IPV6} on Spamhaus ZEN")
+    assert line.startswith("FAILURE") and "listed (127.0.0.3)" in line and "https://check.spamhaus.org/" in line
+    line = entry(output, "blocklists", "example.net on the Spamhaus DBL")
+    assert line.startswith("FAILURE") and "listed (127.0.1.2)" in line
+    assert entry(output, "blocklists", f"IPv4 {DROPLET_IPV4} on Spamhaus ZEN").startswith("OK")
+
+
+def test_records_edited_by_hand_fail_as_drift(lab: state.LabInfo) -> None:
+    """A stray MX, a second DMARC record, SPF that leaves the relay out and an old DKIM key left at
+    another selector, all at once, as a hand edit at Cloudflare leaves them."""
+    with zone_changed(
+        lab,
+        add="\n".join(
+            (
+                "example.net. 300 IN MX 20 old-mail.example.org.",
+                '_dmarc.example.net. 300 IN TXT "v=DMARC1; p=none"',
+                'default._domainkey.example.net. 300 IN TXT "v=DKIM1; k=rsa; p=MIIBIjANBgkq"',
+            )
+        ),
+    ):
+        code, output = run_check("--only", "dns")
+    assert code == 2
+    line = entry(output, "dns", "MX example.net")
+    assert "an extra record 20 old-mail.example.org.: the program does not declare it" in line
+    assert "fix: delete `example.net MX 20 old-mail.example.org.` at Cloudflare" in line
+    assert entry(output, "dns", "DMARC").startswith(
+        "FAILURE  dns        DMARC: 2 DMARC records (receivers then ignore all)"
+    )
+    line = entry(output, "dns", "TXT default._domainkey.example.net")
+    assert line.startswith("WARNING") and "delete `default._domainkey.example.net TXT` at Cloudflare" in line
+    spf = next(ln for ln in Path(lab.zone).read_text().splitlines() if "v=spf1" in ln and ln.startswith("example.net."))
+    with zone_changed(lab, add='example.net. 300 IN TXT "v=spf1 -all"', remove=" ".join(spf.split())):
+        code, output = run_check("--only", "dns")
+    assert code == 2
+    line = entry(output, "dns", "SPF")
+    assert line.startswith("FAILURE") and "gets SPF fail" in line
+
+
+def test_a_disabled_renewal_timer_fails(lab: state.LabInfo) -> None:
+    on_host("sudo systemctl disable certbot.timer")
+    try:
+        code, output = run_check("--only", "server")
+    finally:
+        on_host("sudo systemctl enable certbot.timer")
+    assert code == 2
+    line = entry(output, "server", "renewal")
+    assert line.startswith("FAILURE  server     renewal: certbot.timer is not enabled: the certificate will expire")
+    assert "fix: sudo systemctl enable --now certbot.timer" in line
+
+
+def test_a_stopped_jail_and_a_stopped_fail2ban_fail(lab: state.LabInfo) -> None:
+    try:
+        on_host("sudo fail2ban-client stop dovecot")
+        code, output = run_check("--only", "server")
+        assert code == 2
+        line = entry(output, "server", "fail2ban")
+        assert line.startswith("FAILURE  server     fail2ban: jails not running: dovecot")
+        assert "fix: sudo fail2ban-client reload" in line
+        on_host("sudo systemctl stop fail2ban")
+        code, output = run_check("--only", "server")
+        assert code == 2
+        line = entry(output, "server", "fail2ban")
+        assert line.startswith(
+            "FAILURE  server     fail2ban: fail2ban is not answering: password guessing goes unbanned"
+        )
+        assert "fix: sudo systemctl restart fail2ban" in line
+    finally:
+        on_host("sudo systemctl restart fail2ban")
+    wait_for(lambda: "dovecot" in guest("sudo fail2ban-client status").stdout, 60, 1, "fail2ban back with its jails")
+
+
+def test_a_pending_reboot_warns(lab: state.LabInfo) -> None:
+    on_host("sudo touch /run/reboot-required")
+    try:
+        code, output = run_check("--only", "server")
+    finally:
+        on_host("sudo rm -f /run/reboot-required")
+    assert code == 1
+    line = entry(output, "server", "reboot")
+    assert line.startswith("WARNING  server     reboot: a reboot is pending")
+    assert "fix: sudo reboot at a quiet hour" in line
+
+
+def test_an_unmounted_mail_volume_fails(lab: state.LabInfo) -> None:
+    from infra.core.user_data import mount_unit
+
+    unit = mount_unit()
+    on_host("sudo systemctl stop postfix dovecot")
+    try:
+        on_host(f"sudo systemctl stop {unit}")
+        assert guest(f"mountpoint -q {MAIL_DIR}").returncode != 0
+        code, output = run_check("--only", "server")
+    finally:
+        on_host(f"sudo systemctl start {unit} && sudo systemctl start dovecot postfix")
+    assert code == 2
+    line = entry(output, "server", "mail volume")
+    assert line.startswith(
+        f"FAILURE  server     mail volume: {MAIL_DIR} is not mounted: mail would go to the droplet's disk"
+    )
+    assert "fix: sudo /usr/local/sbin/mailroom-mount-volume" in line
+    code, output = run_check("--only", "server")
+    assert code == 0, output
+
+
+def test_a_relay_that_does_not_answer_fails(lab: state.LabInfo) -> None:
+    mode = Path(lab.ses_spool) / "mode"
+    mode.write_text("away")
+    try:
+        time.sleep(1)  # the stand-in stops listening within 0.2 s
+        code, output = run_check("--only", "relay")
+    finally:
+        mode.unlink()
+    assert code == 2
+    line = entry(output, "relay", "login")
+    assert line.startswith("FAILURE  relay      login: email-smtp.us-east-1.amazonaws.com:587 did not answer")
+    assert "fix: outbound mail waits in the queue" in line
+    wait_for(lambda: run_check("--only", "relay")[0] == 0, 30, 1, "the relay stand-in answering again")
+
+
+# A package installed at version 1, and a local repository that offers version 2 as a security
+# update (its Release says Debian-Security, as the real one does): what apt sees when one is pending.
+SECURITY_UPDATE = """set -eu
+repo=/srv/mailroom-check-repo; mkdir -p $repo
+for v in 1 2; do
+  d=$(mktemp -d); mkdir $d/DEBIAN
+  printf 'Package: mailroom-probe\\nVersion: %s\\nArchitecture: all\\nMaintainer: lab <lab@example.net>\\nDescription: probe\\n' $v > $d/DEBIAN/control
+  dpkg-deb --build $d $repo/mailroom-probe_$v.deb >/dev/null; rm -rf $d
+done
+dpkg -i $repo/mailroom-probe_1.deb >/dev/null
+size=$(stat -c %s $repo/mailroom-probe_2.deb)
+printf 'Package: mailroom-probe\\nVersion: 2\\nArchitecture: all\\nFilename: ./mailroom-probe_2.deb\\nSize: %s\\nDescription: probe\\n\\n' $size > $repo/Packages
+printf 'Origin: Debian\\nLabel: Debian-Security\\nSuite: stable-security\\nCodename: bookworm-security\\n' > $repo/Release
+echo "deb [trusted=yes] file:$repo ./" > /etc/apt/sources.list.d/mailroom-check.list
+apt-get update -qq -o Dir::Etc::sourcelist=/etc/apt/sources.list.d/mailroom-check.list \\
+  -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0
+"""
+SECURITY_UPDATE_GONE = (
+    "dpkg -r mailroom-probe >/dev/null 2>&1; rm -rf /srv/mailroom-check-repo "
+    "/etc/apt/sources.list.d/mailroom-check.list /var/lib/apt/lists/*mailroom-check-repo*; true"
+)
+
+
+def test_a_pending_security_update_warns(lab: state.LabInfo) -> None:
+    import base64
+
+    script = base64.b64encode(SECURITY_UPDATE.encode()).decode()
+    try:
+        on_host(f"echo {script} | base64 -d | sudo sh")
+        code, output = run_check("--only", "server")
+    finally:
+        on_host(f"sudo sh -c '{SECURITY_UPDATE_GONE}'")
+    assert code == 1, output
+    line = entry(output, "server", "updates")
+    assert line.startswith("WARNING  server     updates: 1 security update(s) pending: mailroom-probe")
+    assert "fix: sudo apt-get upgrade" in line
+    code, output = run_check("--only", "server")
+    assert code == 0 and entry(output, "server", "updates").startswith("OK"), output
