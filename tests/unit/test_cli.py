@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,20 @@ def test_plan_shows_every_option_of_every_resource(capsys: pytest.CaptureFixture
         missing = [flag for flag in wanted if flag not in line]
         assert not missing, f"{r.name}: {missing} not on {line!r}"
     assert sum("depends-on: " in ln for ln in lines) >= 5  # every remote step waits for the one before
+
+
+@pytest.mark.parametrize("command", ["check", "backup", "plan", "render", "lab"])
+def test_every_option_of_a_command_is_explained_in_its_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    usage, _, options = capsys.readouterr().out.partition("options:")
+    flags = sorted(set(re.findall(r"\[(--[a-z-]+)", usage)) - {"--help"})
+    assert flags, usage
+    lines = options.splitlines() + [""]
+    for flag in flags:
+        (at,) = [i for i, ln in enumerate(lines) if re.match(rf"\s+{flag}\b", ln)]
+        # argparse puts the help after the option, or on the next line when the option is long.
+        same_line = re.split(r"\s{2,}", lines[at].strip(), maxsplit=1)[1:]
+        explained = same_line[0] if same_line else lines[at + 1].strip()
+        assert explained and not explained.startswith("-"), f"`{command} {flag}` has no help text"
