@@ -203,7 +203,7 @@ def test_every_option_of_a_command_is_explained_in_its_help(command: str, capsys
     usage, _, options = capsys.readouterr().out.partition("options:")
     flags = sorted(set(re.findall(r"\[(--[a-z-]+)", usage)) - {"--help"})
     assert flags, usage
-    lines = options.splitlines() + [""]
+    lines = [*options.splitlines(), ""]
     for flag in flags:
         (at,) = [i for i, ln in enumerate(lines) if re.match(rf"\s+{flag}\b", ln)]
         # argparse puts the help after the option, or on the next line when the option is long.
