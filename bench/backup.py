@@ -57,18 +57,21 @@ subprocess.run(["systemd-run", "--quiet", "--unit", unit, "--collect", "-p", "Me
                 "--", *sys.argv[1:]], check=True)
 peak, largest = 0, ("", 0)
 def state():
-    return subprocess.run(["systemctl", "show", "-p", "ActiveState,ControlGroup,ExecMainStatus", unit],
+    return subprocess.run(["systemctl", "show", "-p", "ActiveState,ExecMainStatus", unit],
                           capture_output=True, text=True).stdout
+def members():  # the unit's processes, by their cgroup (any hierarchy: v1, v2 or hybrid)
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and f"/{unit}.service" in open(f"/proc/{pid}/cgroup").read():
+                yield pid
+        except OSError:
+            continue
 while True:
     shown = dict(line.split("=", 1) for line in state().splitlines() if "=" in line)
     if shown.get("ActiveState") not in ("active", "activating", "deactivating"):
         break
     total, procs = 0, []
-    try:
-        pids = open("/sys/fs/cgroup" + shown["ControlGroup"] + "/cgroup.procs").read().split()
-    except OSError:
-        pids = []
-    for pid in pids:
+    for pid in members():
         try:
             fields = dict(l.split(":", 1) for l in open(f"/proc/{pid}/status") if ":" in l)
             rss = int(fields.get("VmRSS", "0 kB").split()[0])
