@@ -17,8 +17,8 @@ On the lab (the running one, else a fresh one brought up and down again), in thi
             --mailbox`: wall time and peak RSS, and the message count compared (must be equal).
 
 Run: `.venv/bin/python -m bench.backup [--messages 1000] [--quick] [--out DIR]`. Needs root (the
-lab). Results: `<out>/<UTC>-backup.json` and the key "backup" of `<out>/latest.json`. No figure is
-checked here.
+lab). Results: `<out>/<UTC>-backup.json` and the key "backup-<spam filter>" of `<out>/latest.json`
+(the spam filter's learning is part of each run). No figure is checked here.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if not running:
             deploy.down()
     figures["spam_filter"] = info.overrides.get("spamFilter", "spamassassin")
-    path = record(args.out, {"backup": figures}, dt.datetime.now(dt.UTC), name="backup")
+    path = record(args.out, {f"backup-{figures['spam_filter']}": figures}, dt.datetime.now(dt.UTC), name="backup")
     print(f"bench: results in {path}")
     first, back = figures["first_run"], figures["restore"]
     print(
