@@ -18,9 +18,10 @@ from infra.core.settings import MtaStsMode, Relay, Settings
 TXT_CHUNK = 255
 # RFC 6186 §3.4 SRV records saying a service is not offered (target "."). Kept in the BIND export,
 # not declared to Cloudflare: its API has answered such a record's target as `false` rather than
-# a string (DNSControl issue 561), refused an empty one (octodns issue 640), and the provider's v5
-# line (pulumi-cloudflare 6.x) has shown SRV `data` drifting on every plan (terraform-provider-cloudflare
-# issues 5405 and 5383). A diff on every `pulumi up`, or a refused create, costs more than the
+# a string (github.com/StackExchange/dnscontrol/issues/561), refused an empty one
+# (github.com/octodns/octodns/issues/640), and the provider's v5 line (pulumi-cloudflare 6.x) has
+# shown SRV `data` drifting on every plan (github.com/cloudflare/terraform-provider-cloudflare/
+# issues/5405 and /5383). A diff on every `pulumi up`, or a refused create, costs more than the
 # hint is worth: clients that find no _imap or _pop3 SRV try the ones that are there.
 NOT_OFFERED = ("imap", "pop3", "pop3s")
 # Host addresses change when the droplet is replaced: keep their TTL short.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from infra.core.facts import APPLY_PATH, APPLY_SCRIPT, BOOTSTRAP_MARKER, MAIL_DIR
+from infra.core.facts import APPLY_PATH, APPLY_SCRIPT, BOOTSTRAP_MARKER, MAIL_DIR, MOUNT_VOLUME_SCRIPT
 from infra.core.user_data import mount_unit
 
 # cloud-init exits 2 when it finished with recoverable warnings; the marker written by the last
@@ -31,7 +31,18 @@ RUN_APPLY = f"sudo /usr/bin/python3 {APPLY_PATH}"
 # After the bundle (which holds certbot's token and installs a self-signed certificate):
 # Let's Encrypt's certificate over DNS-01; certbot's own timer renews it.
 ISSUE_CERTIFICATE = "sudo /usr/local/sbin/mailroom-certificate --issue"
+# A volume attached after the droplet's first boot (a new, empty one, the old one lost) is not
+# mounted by cloud-init, which ran once: its script, safe to run again, formats it only if empty
+# and mounts it; Dovecot, which stopped with the mount it requires, starts on it again.
 VOLUME_MOUNTED = f"""set -eu
+if ! mountpoint -q {MAIL_DIR}; then
+  sudo {MOUNT_VOLUME_SCRIPT}
+  if getent passwd vmail >/dev/null; then
+    sudo install -d -o vmail -g vmail -m 0750 {MAIL_DIR}
+    sudo systemctl start dovecot.service
+    echo "a new mail volume was mounted at {MAIL_DIR}"
+  fi
+fi
 if ! mountpoint -q {MAIL_DIR}; then
   echo "the mail volume is not mounted at {MAIL_DIR}; see /var/log/cloud-init-output.log" >&2
   exit 1

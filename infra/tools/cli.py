@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # A multi-line text input (a script, a config) is shown in full up to this many lines; longer
 # ones (the user-data, the apply script) are summarised, with where to read them in full.
-MAX_BLOCK_LINES = 12
+MAX_BLOCK_LINES = 24
 OFFLINE_BANNER = (
     "OFFLINE PLAN (evaluated under Pulumi mocks; nothing was sent to any cloud; ids, addresses and keys are stand-ins)"
 )

@@ -215,9 +215,10 @@ def test_mx_priority_is_the_top_level_attribute_of_the_pinned_provider() -> None
 
 
 def test_no_srv_record_with_a_null_target_goes_to_cloudflare_and_the_zone_file_keeps_them() -> None:
-    # Cloudflare's API has read a "." SRV target back as `false` (DNSControl issue 561) and refused
-    # an empty one (octodns issue 640); SRV `data` drifted on every plan in the provider's 5.x line
-    # (terraform-provider-cloudflare 5405, 5383). So the not-offered records stay in the BIND export.
+    # Cloudflare's API has read a "." SRV target back as `false`
+    # (github.com/StackExchange/dnscontrol/issues/561) and refused an empty one
+    # (github.com/octodns/octodns/issues/640); SRV `data` drifted on every plan in the provider's
+    # 5.x line (github.com/cloudflare/terraform-provider-cloudflare/issues/5405, /5383).
     from infra.core.dns import zone_file
     from infra.core.render import status_config
     from infra.tools.check import Target, expected_records

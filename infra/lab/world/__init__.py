@@ -136,9 +136,17 @@ def start_world(run: OfflineRun, certificates: Mapping[str, IssuedCertificate]) 
     ])  # fmt: skip
     if backup.enabled(run.settings):
         s3 = certificates["s3"]
+        # The server's key and its policy as the program declares them (S3 only: a Spaces key has
+        # no policy): the stand-in lets that key do what the policy allows and nothing else.
+        policies = [r.inputs["policy"] for r in run.resources if r.name == "backup-user-policy"]
+        keys = [r for r in run.resources if r.name == "backup-key"]
+        guard = []
+        if policies and keys:
+            server_key = {"id": keys[0].id, "secret": keys[0].state["secret"], "policy": policies[0]}
+            guard = [str(secret_file("s3-server-key.json", json.dumps(server_key))), str(STATE_DIR / "s3-owner.json")]
         processes["s3"] = _world_process("s3", [
             *module, "s3", S3_IP, backup.endpoint(run.settings), run.settings.backup_bucket,
-            run.settings.backup_region, str(s3.certificate), str(s3.key),
+            run.settings.backup_region, str(s3.certificate), str(s3.key), *guard,
         ])  # fmt: skip
     config = acme.write_config(STATE_DIR / "pebble.json", ACME_IP, certificates["acme"])
     processes["acme"] = _world_process("acme", acme.argv(config, DNS_IP))

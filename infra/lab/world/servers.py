@@ -385,10 +385,24 @@ def ses_api_server(api: SesApi, address: str, port: int = 0) -> Any:
     return http.server.ThreadingHTTPServer((address, port), Handler)
 
 
-def serve_s3(address: str, hostname: str, bucket: str, region: str, cert: Path, key: Path) -> None:
+def serve_s3(
+    address: str,
+    hostname: str,
+    bucket: str,
+    region: str,
+    cert: Path,
+    key: Path,
+    server_key: Path | None = None,
+    owner_key: Path | None = None,
+) -> None:
     """moto's S3 over HTTPS as HOSTNAME (a lab CA certificate), holding BUCKET with versioning on,
-    as the program declares it. It takes any access key: the key's policy is asserted under mocks."""
+    as the program declares it. With SERVER_KEY (the server's access key and the IAM policy the
+    program gives it), every request must be signed by a key moto knows and be allowed by its
+    policy, as AWS decides; an owner's key with every right is written to OWNER_KEY, for tests
+    to do what only the owner may."""
+    from moto import settings
     from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.iam.models import iam_backends
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from moto.s3.models import s3_backends
     from werkzeug.serving import run_simple
@@ -396,6 +410,29 @@ def serve_s3(address: str, hostname: str, bucket: str, region: str, cert: Path, 
     backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
     backend.create_bucket(bucket, region)
     backend.put_bucket_versioning(bucket, "Enabled")
+    if server_key is not None and owner_key is not None:
+        from moto.core.authorization import ActionAuthenticatorMixin
+
+        given = json.loads(server_key.read_text())
+        iam = iam_backends[DEFAULT_ACCOUNT_ID]["aws"]
+        policy = json.loads(given["policy"])
+        # moto authorises HEAD on a bucket as s3:HeadBucket; AWS as s3:ListBucket, which the policy
+        # allows (docs.aws.amazon.com/AmazonS3/latest/API/API_HeadBucket.html).
+        policy["Statement"][0]["Action"].append("s3:HeadBucket")
+        everything = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        for user, document in (("mailroom-backup", policy), ("owner", everything)):
+            iam.create_user(region, user)
+            iam.put_user_policy(user, user, json.dumps(document))
+            made = iam.create_access_key(user)
+            if user == "mailroom-backup":  # the key the stack's state holds, not one moto makes up
+                made.access_key_id, made.secret_access_key = given["id"], given["secret"]
+            else:
+                owner_key.write_text("")
+                owner_key.chmod(0o600)
+                owner_key.write_text(json.dumps({"id": made.access_key_id, "secret": made.secret_access_key}))
+        # From here on every request is authenticated and authorised (moto's /moto-api/reset-auth 0).
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+        ActionAuthenticatorMixin.request_count = 0
     # moto picks the service from the Host header: requests to HOSTNAME are S3's.
     app = DomainDispatcherApplication(create_backend_app)
     run_simple(address, 443, app, ssl_context=(str(cert), str(key)), threaded=True)
@@ -415,7 +452,8 @@ def main(argv: list[str]) -> None:
         serve_ses(Path(spool), address, hostname, user, Path(password_file), Path(cert), Path(key), senders)
     elif argv[0] == "s3":
         address, hostname, bucket, region, cert, key = argv[1:7]
-        serve_s3(address, hostname, bucket, region, Path(cert), Path(key))
+        guard = [Path(a) for a in argv[7:9]]
+        serve_s3(address, hostname, bucket, region, Path(cert), Path(key), *guard)
     else:
         raise SystemExit(f"unknown stand-in {argv[0]!r}; accepted: dns, ses, cloudflare, s3")
 

@@ -1,5 +1,6 @@
 """The off-site backup, end to end on the lab host: `python -m infra backup run --lab` stores an
-encrypted snapshot in the S3 stand-in (moto, over HTTPS as the bucket's real endpoint name); the
+encrypted snapshot in the S3 stand-in (moto, over HTTPS as the bucket's real endpoint name, holding
+the server's key to the policy the program declares, which the key cannot get round); the
 mailbox is lost (its home deleted, as with a new empty volume) while mail keeps arriving; `backup
 restore` brings back every folder, message, flag and keyword, with the folders' UIDVALIDITY and
 the messages' UIDs, and the Sieve script; the mail that arrived meanwhile stays, nothing doubles.
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -129,6 +131,65 @@ def test_a_backup_is_stored_encrypted_off_site_and_the_status_check_reports_it(l
     status = json.loads(root("python3 /usr/local/lib/mailroom/status.py server", lab))
     line = next(r for r in status["results"] if r["name"] == "backup")
     assert line["status"] == "ok" and "verified" in line["detail"], line
+
+
+def test_the_servers_key_cannot_destroy_the_history_in_the_bucket(lab: LabInfo, mailbox: Mailbox) -> None:
+    """With the server's own key (as a thief who took the server has it), against the S3 stand-in
+    enforcing the policy the program declares: deleting a snapshot only hides it (a delete
+    marker), deleting its version or suspending versioning is refused; the owner's key still
+    reads the old version and undoes the delete."""
+    import socket
+    from unittest import mock
+
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    from infra.core.settings import parse_settings
+    from infra.core.stack import stack_config
+    from infra.lab.network import S3_IP
+    from infra.lab.state import STATE_DIR
+
+    settings = parse_settings(stack_config(lab.stack, lab.overrides))
+    bucket, region = settings.backup_bucket, settings.backup_region
+    server_key = json.loads((STATE_DIR / "s3-server-key.json").read_text())
+    owner_key = json.loads((STATE_DIR / "s3-owner.json").read_text())
+    real_getaddrinfo = socket.getaddrinfo
+
+    def lab_dns(host: str, *args: Any, **kwargs: Any) -> Any:  # the endpoint's name, as the lab DNS answers it
+        return real_getaddrinfo(S3_IP if host.endswith("amazonaws.com") else host, *args, **kwargs)
+
+    def client(key: dict[str, str]) -> Any:
+        return boto3.client(
+            "s3", endpoint_url=f"https://{backup.endpoint(settings)}", region_name=region,
+            aws_access_key_id=key["id"], aws_secret_access_key=key["secret"],
+            verify=str(STATE_DIR / "pki/lab-ca.crt"), config=Config(s3={"addressing_style": "path"}),
+        )  # fmt: skip
+
+    def attack() -> None:
+        server, owner = client(server_key), client(owner_key)
+        versions = owner.list_object_versions(Bucket=bucket, Prefix="snapshots/")["Versions"]
+        victim = versions[0]
+        with pytest.raises(ClientError) as refused:
+            server.delete_object(Bucket=bucket, Key=victim["Key"], VersionId=victim["VersionId"])
+        assert refused.value.response["Error"]["Code"] == "AccessDenied", refused.value.response
+        with pytest.raises(ClientError) as refused:
+            server.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Suspended"})
+        assert refused.value.response["Error"]["Code"] == "AccessDenied", refused.value.response
+        with pytest.raises(ClientError) as refused:  # and the key reaches no other bucket
+            server.list_objects_v2(Bucket="another-bucket")
+        assert refused.value.response["Error"]["Code"] == "AccessDenied", refused.value.response
+        server.delete_object(Bucket=bucket, Key=victim["Key"])  # allowed: only a delete marker
+        kept = owner.get_object(Bucket=bucket, Key=victim["Key"], VersionId=victim["VersionId"])["Body"].read()
+        assert kept, "the old version is gone"
+        markers = owner.list_object_versions(Bucket=bucket, Prefix=victim["Key"])["DeleteMarkers"]
+        for marker in markers:  # the owner's undo, as the README shows it
+            owner.delete_object(Bucket=bucket, Key=marker["Key"], VersionId=marker["VersionId"])
+
+    with mock.patch("socket.getaddrinfo", lab_dns):
+        in_netns(WORLD_NS, attack)
+    listed = cli(lab, "list")
+    assert listed.returncode == 0 and re.search(r"\d+ snapshot\(s\)", listed.stdout), listed.stdout + listed.stderr
 
 
 def test_a_lost_mailbox_comes_back_whole_while_new_mail_keeps_arriving(lab: LabInfo, mailbox: Mailbox) -> None:
@@ -305,6 +366,35 @@ def test_a_backup_taken_during_delivery_restores_whole_messages_and_a_consistent
         time.sleep(1)
     assert during == before + DELIVERIES
     root("rm -rf /root/restored", lab)
+
+
+def test_a_new_empty_volume_under_the_same_droplet_is_mounted_by_the_next_apply_and_restored(
+    lab: LabInfo, mailbox: Mailbox
+) -> None:
+    """The volume alone is lost (deleted, or its filesystem beyond repair): `pulumi up` attaches a
+    new, empty one to the running droplet. The volume step formats and mounts it (cloud-init,
+    which did that at the first boot, does not run again) and Dovecot starts on it; `backup
+    restore` brings the mail back."""
+    from infra.core.user_data import mount_unit
+    from infra.lab.state import STATE_DIR, sh
+
+    assert cli(lab, "run").returncode == 0
+    before = seen(lab)
+    # Dovecot stops with the mount it requires; Postfix keeps taking mail into its queue.
+    root(f"systemctl stop dovecot {mount_unit()}", lab)
+    device = (STATE_DIR / "volume.loop").read_text().strip()
+    sh("wipefs", "--all", "--quiet", device)
+    sh("dd", "if=/dev/zero", f"of={device}", "bs=1M", "count=8", "status=none")
+
+    steps = deploy.redeploy()  # the new attachment's id re-runs the volume step, and the rest
+    volume = next(s for s in steps if s["name"] == "server-mail-volume")
+    assert "a new mail volume was mounted" in volume["stdout"], volume
+    assert root(f"findmnt -n -o FSTYPE {MAIL_DIR}", lab).strip() == "ext4"
+    assert not root(f"doveadm search -u {USER} all", lab).strip(), "the new volume is not empty"
+
+    done = cli(lab, "restore")
+    assert done.returncode == 0 and f"{USER}: restored" in done.stdout, done.stderr + done.stdout
+    assert seen(lab) == before
 
 
 def test_a_lost_volume_comes_back_whole_on_a_new_host(lab: LabInfo, mailbox: Mailbox) -> None:
