@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_digitalocean as do
 
+from infra.cloud.relay import bounded_name
 from infra.core.facts import (
     HTTP_PORT,
     HTTPS_PORT,
@@ -31,6 +32,9 @@ from infra.core.facts import (
     SUBMISSIONS_PORT,
 )
 from infra.core.settings import BackupPlan, Settings
+
+# DigitalOcean's API: a tag name is at most 255 characters.
+TAG_NAME_LIMIT = 255
 
 # Ports the world may reach: SMTP, submissions (implicit TLS), submission, IMAPS, ManageSieve,
 # HTTP (ACME and redirects) and HTTPS (MTA-STS, autoconfig, webmail).
@@ -84,8 +88,9 @@ class HostArgs:
 
     @property
     def tag(self) -> str:
-        """This host's DigitalOcean tag (letters, digits, dashes: what the API accepts)."""
-        return "mailroom-" + self.host_name.replace(".", "-")
+        """This host's DigitalOcean tag (letters, digits, dashes: what the API accepts; at most
+        255 characters, a long host name shortened with a hash)."""
+        return bounded_name("mailroom-", self.host_name, TAG_NAME_LIMIT)
 
 
 def backup_policy(args: HostArgs) -> do.DropletBackupPolicyArgs | None:

@@ -9,6 +9,7 @@ published schemas (an extract in tests/unit/data/provider_schemas.json).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 from pathlib import Path
@@ -108,6 +109,13 @@ def test_each_host_has_its_own_tag() -> None:
     assert tags[0] != tags[1] and all(t.startswith("mailroom-") for t in tags)
     # DO API: tag names are letters, numbers, colons, dashes and underscores, up to 255.
     assert all(len(t) <= 255 and t.replace("-", "").replace("_", "").replace(":", "").isalnum() for t in tags)
+    # The longest host name DNS allows (253) still makes a tag within the limit, and a distinct one.
+    from infra.cloud.host import HostArgs
+
+    longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    args = HostArgs.of(dev.settings)
+    long_tags = {dataclasses.replace(args, host_name=name).tag for name in (longest, longest[:-1] + "e")}
+    assert len(long_tags) == 2 and all(len(t) <= 255 for t in long_tags), long_tags
 
 
 # --- pulumi-command ------------------------------------------------------------------------------
