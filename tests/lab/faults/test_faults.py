@@ -239,10 +239,9 @@ def test_restarting_a_daemon_under_inbound_load_loses_nothing(lab: LabInfo, disr
     assert not sender.is_alive()
     if errors:
         raise errors[0]
-    # The load went on through the disruption: some send was under way while it ran, or began
-    # during it, and others came after it.
+    # The load went on through the disruption: some send was under way while it ran (with
+    # rspamd the whole batch can be through before a Dovecot restart has ended).
     assert any(s < disrupted[1] and e > disrupted[0] for s, e in spans), (disrupted, spans)
-    assert any(s > disrupted[1] for s, _ in spans), "no message was sent after the disruption"
     retry_until_accepted(batch)
     outcomes = [o for o, _ in batch]
     assert [o.replies for o in outcomes if o.refused_for_good] == []
