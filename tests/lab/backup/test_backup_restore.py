@@ -49,6 +49,11 @@ def root(command: str, lab: LabInfo) -> str:
     return result.stdout
 
 
+def inbox_count(lab: LabInfo) -> int:
+    """How many messages the user's INBOX holds."""
+    return int(root(f"doveadm mailbox status -u {USER} messages INBOX", lab).split("=")[1])
+
+
 def write(path: str, text: str, lab: LabInfo) -> None:
     """TEXT into PATH on the lab host, as root (base64 on the way: no quoting to get wrong)."""
     root(f"echo {base64.b64encode(text.encode()).decode()} | base64 -d > {path}", lab)
@@ -200,9 +205,7 @@ def test_a_lost_mailbox_comes_back_whole_while_new_mail_keeps_arriving(lab: LabI
     # Mail arrives before the restore: it is kept.
     arrived = message("carol@example.com", USER, "arrived while the mail was gone")
     send_inbound(arrived)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not root(f"doveadm search -u {USER} mailbox INBOX all", lab).strip():
-        time.sleep(0.5)
+    wait_for(lambda: inbox_count(lab) > 0, 60, 0.5, "the new mail in the emptied INBOX")
 
     done = cli(lab, "restore", "--mailbox", USER)
     assert done.returncode == 0 and f"{USER}: restored" in done.stdout, done.stderr + done.stdout
@@ -322,7 +325,7 @@ DELIVERIES = 200
 def test_a_backup_taken_during_delivery_restores_whole_messages_and_a_consistent_uidlist(
     lab: LabInfo, mailbox: Mailbox
 ) -> None:
-    before = int(root(f"doveadm mailbox status -u {USER} messages INBOX", lab).split("=")[1])
+    before = inbox_count(lab)
     # 200 messages handed to Postfix on the host, in the background, delivered by LMTP as they come:
     # ten a second at most, so they are still arriving when the run has ended.
     # A transient unit of its own: it outlives the SSH session that starts it (a process left in
@@ -335,15 +338,11 @@ def test_a_backup_taken_during_delivery_restores_whole_messages_and_a_consistent
     )
     root("systemctl reset-failed mailroom-lab-deliveries 2>/dev/null; true", lab)
     root("systemd-run --unit mailroom-lab-deliveries --collect sh /root/deliver.sh", lab)
-    deadline = time.monotonic() + 60
-    count = before
-    while time.monotonic() < deadline and count < before + 10:
-        count = int(root(f"doveadm mailbox status -u {USER} messages INBOX", lab).split("=")[1])
-        time.sleep(0.2)
-    assert count >= before + 10, "the deliveries did not start"
+    # The count once ten are in (wait_for gives back the predicate's true value).
+    count = wait_for(lambda: (n := inbox_count(lab)) >= before + 10 and n, 60, 0.2, "the deliveries under way")
     done = cli(lab, "run")
     assert done.returncode == 0, done.stderr
-    during = int(root(f"doveadm mailbox status -u {USER} messages INBOX", lab).split("=")[1])
+    during = inbox_count(lab)
     assert during < before + DELIVERIES, (
         "every message was in before the backup ended: nothing was taken during delivery"
     )
@@ -360,11 +359,8 @@ def test_a_backup_taken_during_delivery_restores_whole_messages_and_a_consistent
     assert found["problems"] == [], found["problems"]
     assert found["messages"] >= count - 1, found  # at least what was in when the run began (bar the expunged)
     # And every delivery ends in the live mailbox: none lost to the backup.
-    deadline = time.monotonic() + 300  # the spam filter sees each one: about a second apiece
-    while time.monotonic() < deadline and during < before + DELIVERIES:
-        during = int(root(f"doveadm mailbox status -u {USER} messages INBOX", lab).split("=")[1])
-        time.sleep(1)
-    assert during == before + DELIVERIES
+    wait_for(lambda: inbox_count(lab) >= before + DELIVERIES, 300, 1, "every delivery in the mailbox")
+    assert inbox_count(lab) == before + DELIVERIES
     root("rm -rf /root/restored", lab)
 
 
