@@ -521,14 +521,15 @@ def check_relay_login(relay: dict[str, Any] | None, context: ssl.SSLContext | No
             )
         ]
     except ssl.SSLError as exc:
+        why = getattr(exc, "verify_message", None) or exc.reason  # "self-signed certificate", ...
         return [
             Result(
                 "relay",
                 "login",
                 FAILURE,
-                f"{host}'s certificate did not verify: {exc.reason}",
-                "update ca-certificates (sudo apt-get upgrade); a relay's certificate failing is rare: "
-                "check the host name",
+                f"{host}'s certificate did not verify ({why}): outbound mail is deferred, not sent in clear",
+                "update ca-certificates (sudo apt-get upgrade); if it still fails, something between the "
+                "droplet and the relay answers in its place: check /etc/resolv.conf and the relay's status page",
             )
         ]
     except (OSError, smtplib.SMTPException) as exc:

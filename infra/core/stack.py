@@ -51,6 +51,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.removeprefix(f"{PROJECT}:"), yaml.safe_load(value) if value else ""
 
 
+def encrypted_keys(stack: str, project_dir: Path = PROJECT_DIR) -> list[str]:
+    """The settings (bare keys) the stack file holds encrypted: only the Pulumi CLI can read them."""
+    document = yaml.safe_load(stack_file(stack, project_dir).read_text()) or {}
+    return [
+        key.partition(":")[2]
+        for key, value in (document.get("config") or {}).items()
+        if key.partition(":")[0] == PROJECT and isinstance(value, dict) and "secure" in value
+    ]
+
+
 def stack_config(
     stack: str, overrides: Mapping[str, Any] | None = None, project_dir: Path = PROJECT_DIR
 ) -> dict[str, Any]:

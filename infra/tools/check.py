@@ -31,6 +31,7 @@ from typing import Any
 from infra.core.dns import MAIL_FROM_LABEL, Facts, mta_sts_policy, records
 from infra.core.facts import CLOUD_INIT, HTTPS_PORT, IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT
 from infra.core.settings import Relay, Settings
+from infra.core.stack import PROJECT
 
 STATUS_SCRIPT = CLOUD_INIT / "status.py"
 STATUS_PATH = "/usr/local/lib/mailroom/status.py"  # where the bundle installs it on the server
@@ -110,6 +111,30 @@ def stack_outputs(stack: str) -> dict[str, Any]:
         raise CheckError(f"pulumi stack output --stack {stack} failed: {done.stderr.strip()}")
     outputs: dict[str, Any] = json.loads(done.stdout)
     return outputs
+
+
+# The secret settings the check itself uses (the DQS key names Spamhaus's zones to ask).
+SECRETS_USED = ("spamhausDqsKey",)
+
+
+def stack_secret(stack: str, key: str) -> str:
+    """A setting the stack holds encrypted, decrypted by the Pulumi CLI (`pulumi config get`);
+    it travels on a pipe, never on a command line, and is never printed."""
+    if shutil.which("pulumi") is None:
+        raise CheckError(
+            f"the stack holds {key} encrypted, and reading it needs the Pulumi CLI, which is not "
+            "installed (https://www.pulumi.com/docs/install/)"
+        )
+    done = subprocess.run(
+        ["pulumi", "config", "get", f"{PROJECT}:{key}", "--stack", stack],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        raise CheckError(f"pulumi config get {key} --stack {stack} failed: {done.stderr.strip()}")
+    return done.stdout.rstrip("\n")
 
 
 def _resolver(target: Target) -> Any:

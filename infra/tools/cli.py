@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.core.settings import Settings, SettingsError, parse_settings
-from infra.core.stack import StackError, parse_override, stack_config, stack_names
+from infra.core.stack import StackError, encrypted_keys, parse_override, stack_config, stack_names
 
 if TYPE_CHECKING:
     from infra.tools.rehearsal import Declared
@@ -374,10 +374,13 @@ def check_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             roots.write_text("".join(p.read_text() for p in world.trusted_roots().values()))
             ca_file = ca_file or str(roots)
             ssh_key = ssh_key or Path(info.key_file)
-        elif args.outputs:
-            outputs = json.loads(Path(args.outputs).read_text())
         else:
-            outputs = check.stack_outputs(args.stack)
+            # What the stack holds encrypted, the stand-ins replaced: the real values, from the CLI.
+            held = [k for k in check.SECRETS_USED if k in encrypted_keys(args.stack) and k not in overrides]
+            if held:
+                real = {k: check.stack_secret(args.stack, k) for k in held}
+                settings = parse_settings(stack_config(args.stack, {**overrides, **real}))
+            outputs = json.loads(Path(args.outputs).read_text()) if args.outputs else check.stack_outputs(args.stack)
         ssh = [] if args.no_ssh else ssh_argv(args, settings, outputs, ssh_key)
         # The lab stands in for SES's SMTP endpoint, not its API: no call leaves for AWS from it.
         aws = not (args.no_aws or args.lab)

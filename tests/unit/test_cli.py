@@ -210,3 +210,64 @@ def test_every_option_of_a_command_is_explained_in_its_help(command: str, capsys
         same_line = re.split(r"\s{2,}", lines[at].strip(), maxsplit=1)[1:]
         explained = same_line[0] if same_line else lines[at + 1].strip()
         assert explained and not explained.startswith("-"), f"`{command} {flag}` has no help text"
+
+
+FAKE_PULUMI = """#!/bin/sh
+# Stands for the Pulumi CLI: records how it was called, answers as the real one does.
+printf '%s\\n' "$*" >> "$(dirname "$0")/calls"
+case "$1 $2" in
+  "config get") echo "dqs-key-from-the-encrypted-stack" ;;
+  "stack output") echo '{"ipv4": "203.0.113.10", "ipv6": "2001:db8::10"}' ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+def test_check_reads_an_encrypted_dqs_key_with_the_pulumi_cli_off_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stack whose spamhausDqsKey is encrypted: the check asks `pulumi config get` for it (the
+    key comes back on a pipe), asks the DQS zones with it, and never prints it."""
+    from infra.tools import check, cli
+
+    pulumi = tmp_path / "pulumi"
+    pulumi.write_text(FAKE_PULUMI)
+    pulumi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setattr(cli, "encrypted_keys", lambda stack: ["spamhausDqsKey"])
+    asked: list[str] = []
+
+    def run(target: check.Target, groups: list[str]) -> list[object]:
+        asked.append(target.settings.spamhaus_dqs_key.reveal())
+        return []
+
+    monkeypatch.setattr(check, "run", run)
+    assert main(["check", "--stack", "dev", "--no-ssh", "--no-aws", "--only", "blocklists"]) == 0
+    assert asked == ["dqs-key-from-the-encrypted-stack"]
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["config get mailroom:spamhausDqsKey --stack dev", "stack output --json --stack dev"]
+    assert "dqs-key-from-the-encrypted-stack" not in capsys.readouterr().out
+
+
+def test_check_without_the_pulumi_cli_says_why_it_cannot_read_an_encrypted_dqs_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infra.tools import cli
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(cli, "encrypted_keys", lambda stack: ["spamhausDqsKey"])
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text('{"ipv4": "203.0.113.10", "ipv6": "2001:db8::10"}')
+    assert main(["check", "--stack", "dev", "--outputs", str(outputs), "--no-ssh", "--only", "dns"]) == 3
+    err = capsys.readouterr().err
+    assert "the stack holds spamhausDqsKey encrypted, and reading it needs the Pulumi CLI" in err
+
+
+def test_encrypted_keys_are_the_stack_files_secure_values(tmp_path: Path) -> None:
+    from infra.core.stack import encrypted_keys
+
+    (tmp_path / "Pulumi.x.yaml").write_text(
+        "config:\n  mailroom:spamhausDqsKey:\n    secure: v1:abc\n  mailroom:domain: example.net\n"
+        "  digitalocean:token:\n    secure: v1:def\n"
+    )
+    assert encrypted_keys("x", tmp_path) == ["spamhausDqsKey"]

@@ -13,7 +13,9 @@ message whose From (header, or envelope sender) the policy's `ses:FromAddress` c
 allow; each refusal is logged to DIR/refused.jsonl. Writing `4xx` or `5xx` into DIR/mode
 makes it answer 451 / 554 to recipients; `away` closes its port (connection refused) until the
 mode changes again; `refuse-login` answers every login 535, as SES does once the key is gone;
-stopping the process takes it away for good.
+`untrusted-certificate` answers STARTTLS with a self-signed certificate for the same name, as
+something intercepting the path would (a client that verifies refuses it); stopping the process
+takes it away for good.
 
 `python -m infra.lab.world.servers cloudflare DIR ADDRESS ZONE TOKEN_FILE CERT KEY [NETWORKS_FILE]`
 answers as api.cloudflare.com for the few calls certbot's dns-cloudflare plugin makes (find the
@@ -142,10 +144,20 @@ def serve_ses(
     password = password_file.read_text().strip()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
+    untrusted = _self_signed_context(hostname)
+
+    def in_mode(name: str) -> bool:
+        mode = spool / "mode"
+        return mode.exists() and mode.read_text().strip() == name
 
     def refusing() -> bool:  # "refuse-login": the password no longer works (a deleted IAM key)
-        mode = spool / "mode"
-        return mode.exists() and mode.read_text().strip() == "refuse-login"
+        return in_mode("refuse-login")
+
+    def server_name(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        if in_mode("untrusted-certificate"):  # chosen per handshake: the next STARTTLS sees it
+            sock.context = untrusted
+
+    context.sni_callback = server_name
 
     def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
         ok = isinstance(data, LoginPassword) and data.login.decode() == user and data.password.decode() == password
@@ -174,7 +186,7 @@ def serve_ses(
     try:
         while True:
             # "away": the endpoint is unreachable (connection refused), as during an outage.
-            away = (spool / "mode").exists() and (spool / "mode").read_text().strip() == "away"
+            away = in_mode("away")
             if away and controller is not None:
                 controller.stop()
                 controller = None
@@ -184,6 +196,43 @@ def serve_ses(
     finally:
         if controller is not None:
             controller.stop()
+
+
+def _self_signed_context(hostname: str) -> ssl.SSLContext:
+    """A server context with a self-signed certificate for HOSTNAME, that no client trusts."""
+    import datetime
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as directory:  # load_cert_chain reads files only
+        pem = Path(directory) / "untrusted.pem"
+        pem.write_bytes(
+            certificate.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        context.load_cert_chain(pem)
+    return context
 
 
 def _api_error(code: int, message: str) -> dict[str, Any]:

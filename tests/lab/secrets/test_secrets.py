@@ -2,7 +2,8 @@
 and then undone, no secret appears where someone without root could read it: not in the
 droplet's user-data (DigitalOcean shows it to anyone with API access), not on a command line
 (`ps` shows every user every process's arguments), not in the system logs, not in the remote
-commands' output (Pulumi shows it), not in a world-readable file on the host.
+commands' output (Pulumi shows it), not in a world-readable file on the host, not in what the
+owner's tools print, not in the daily status mail that leaves the server.
 
 The secrets are the lab's real ones, taken from where the lab keeps them: the mailbox passwords
 and their hashes (lab.json), the SES SMTP password (ses-password), and the keys and tokens the
@@ -29,6 +30,8 @@ from infra.core.facts import PROJECT_DIR
 from infra.lab import deploy, state
 from infra.lab.host import guest, ssh_argv
 from infra.lab.state import LabInfo
+from tests.support.mail import status_mails
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.reliability]
 
@@ -224,3 +227,19 @@ def test_no_secret_in_what_the_owners_tools_print(lab: LabInfo, secrets: list[Se
     for argv, text in printed:
         found = leaks(secrets, text)
         assert not found, f"in what `python -m infra {' '.join(argv)}` printed: {found}"
+
+
+def test_no_secret_in_the_owners_status_mail(lab: LabInfo, secrets: list[Secret]) -> None:
+    """The daily status mail leaves the server for alertEmail through the relay: every one the
+    relay took, raw and with each part decoded (quoted-printable could split a value), holds none
+    of the secrets, after a run that is sure to mail (its last result forgotten first)."""
+    before = len(status_mails(lab))
+    host(lab, "sudo rm -f /var/lib/mailroom/status-last.json && sudo systemctl start mailroom-status.service")
+    wait_for(lambda: status_mails(lab)[before:], 120, 1, "the status mail")
+    mails = status_mails(lab)
+    for mail in mails:
+        texts = [mail.as_bytes()]
+        texts += [p for part in mail.walk() if isinstance(p := part.get_payload(decode=True), bytes)]
+        found = sorted({name for text in texts for name in leaks(secrets, text)})
+        assert not found, f"in the status mail {mail['Subject']!r}: {found}"
+        assert any(b"server" in t for t in texts[1:]), "the mail's body was not read"

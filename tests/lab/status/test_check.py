@@ -61,6 +61,16 @@ def on_host(command: str) -> str:
     return done.stdout
 
 
+def checked_while(plant: str, undo: str, *groups: str) -> tuple[int, str]:
+    """The check of GROUPS while the fault PLANT (a command on the host) holds; UNDO runs after,
+    whatever happened."""
+    try:
+        on_host(plant)
+        return run_check(*(arg for group in groups for arg in ("--only", group)))
+    finally:
+        on_host(undo)
+
+
 @contextmanager
 def zone_changed(lab: state.LabInfo, add: str = "", remove: str = "") -> Iterator[None]:
     """The lab DNS's zone with a line added or removed, as someone editing records by hand would."""
@@ -286,11 +296,7 @@ def test_a_nearly_full_volume_fails(lab: state.LabInfo) -> None:
 
 def test_a_stopped_spam_filter_fails_naming_it(lab: state.LabInfo) -> None:
     unit = "rspamd" if lab.overrides.get("spamFilter") == "rspamd" else "spamd"
-    on_host(f"sudo systemctl stop {unit}")
-    try:
-        code, output = run_check("--only", "server")
-    finally:
-        on_host(f"sudo systemctl start {unit}")
+    code, output = checked_while(f"sudo systemctl stop {unit}", f"sudo systemctl start {unit}", "server")
     assert code == 2
     line = entry(output, "server", "daemons")
     assert line.startswith(f"FAILURE  server     daemons: not running: {unit}")
@@ -407,11 +413,9 @@ def test_records_edited_by_hand_fail_as_drift(lab: state.LabInfo) -> None:
 
 
 def test_a_disabled_renewal_timer_fails(lab: state.LabInfo) -> None:
-    on_host("sudo systemctl disable certbot.timer")
-    try:
-        code, output = run_check("--only", "server")
-    finally:
-        on_host("sudo systemctl enable certbot.timer")
+    code, output = checked_while(
+        "sudo systemctl disable certbot.timer", "sudo systemctl enable certbot.timer", "server"
+    )
     assert code == 2
     line = entry(output, "server", "renewal")
     assert line.startswith("FAILURE  server     renewal: certbot.timer is not enabled: the certificate will expire")
@@ -440,11 +444,7 @@ def test_a_stopped_jail_and_a_stopped_fail2ban_fail(lab: state.LabInfo) -> None:
 
 
 def test_a_pending_reboot_warns(lab: state.LabInfo) -> None:
-    on_host("sudo touch /run/reboot-required")
-    try:
-        code, output = run_check("--only", "server")
-    finally:
-        on_host("sudo rm -f /run/reboot-required")
+    code, output = checked_while("sudo touch /run/reboot-required", "sudo rm -f /run/reboot-required", "server")
     assert code == 1
     line = entry(output, "server", "reboot")
     assert line.startswith("WARNING  server     reboot: a reboot is pending")
@@ -525,3 +525,86 @@ def test_a_pending_security_update_warns(lab: state.LabInfo) -> None:
     assert "fix: sudo apt-get upgrade" in line
     code, output = run_check("--only", "server")
     assert code == 0 and entry(output, "server", "updates").startswith("OK"), output
+
+
+def test_a_relay_certificate_that_does_not_verify_fails_and_the_mail_waits(lab: state.LabInfo) -> None:
+    """The SES stand-in answers STARTTLS with a self-signed certificate for its own name, as
+    something intercepting the path would: the check fails, and Postfix (which verifies the
+    relay) keeps the message in its queue instead of sending it, until the real one is back."""
+    user, password = alice(lab)
+    msg = message(user, f"dana@{REMOTE_DOMAIN}", "held while the relay's certificate does not verify")
+    set_relay(lab, "untrusted-certificate")
+    try:
+        code, output = run_check("--only", "relay")
+        sent = send(Outcome(msg["Message-ID"]), msg, port=SUBMISSION_PORT, login=(user, password))
+        assert sent.replies == [250]
+        reasons = wait_for(
+            lambda: [r["delay_reason"] for m in queue(lab) for r in m["recipients"] if r.get("delay_reason")],
+            90, 0.5, "the message deferred",
+        )  # fmt: skip
+        assert msg["Message-ID"] not in relayed_ids(lab)
+    finally:
+        set_relay(lab, "ok")
+    assert code == 2, output
+    line = entry(output, "relay", "login")
+    assert line.startswith(
+        "FAILURE  relay      login: email-smtp.us-east-1.amazonaws.com's certificate did not verify "
+        "(self-signed certificate): outbound mail is deferred, not sent in clear"
+    ), line
+    assert "fix: update ca-certificates" in line
+    assert any("certificate" in r.lower() for r in reasons), reasons
+    flush_queue(lab)
+    wait_for(lambda: msg["Message-ID"] in relayed_ids(lab), 90, 0.5, "the held message at the relay")
+    code, output = run_check("--only", "relay")
+    assert code == 0, output
+
+
+# /proc/meminfo as a 1 GiB droplet's kernel writes it when memory has run short: 40 MiB available
+# and 90 % of its 1 GiB swap file in use. The lab host shares this machine's kernel and memory, so
+# a real shortage cannot be made inside it; the check reads what it is given, over SSH, as on a droplet.
+STARVED_MEMINFO = """MemTotal:        1004584 kB
+MemFree:           21344 kB
+MemAvailable:      40960 kB
+Buffers:            1024 kB
+Cached:            30720 kB
+SwapTotal:       1048572 kB
+SwapFree:         104856 kB
+"""
+
+
+def test_a_droplet_short_of_memory_fails_on_memory_and_swap(lab: state.LabInfo) -> None:
+    import base64
+
+    planted = base64.b64encode(STARVED_MEMINFO.encode()).decode()
+    code, output = checked_while(
+        f"echo {planted} | base64 -d | sudo tee /run/mailroom-meminfo >/dev/null && "
+        "sudo mount --bind /run/mailroom-meminfo /proc/meminfo && grep -q '^MemAvailable: *40960 kB' /proc/meminfo",
+        "sudo umount /proc/meminfo; sudo rm -f /run/mailroom-meminfo",
+        "server",
+    )
+    assert code == 2, output
+    line = entry(output, "server", "memory")
+    assert line.startswith("FAILURE  server     memory: 4 % available of 981 MiB"), line
+    assert "fix: see what grew with `ps aux --sort=-rss | head`" in line and "dropletSize" in line
+    line = entry(output, "server", "swap")
+    assert line.startswith("FAILURE  server     swap: 90 % of swap in use"), line
+    assert "fix: the droplet is short of memory" in line
+    code, output = run_check("--only", "server")
+    assert code == 0 and entry(output, "server", "memory").startswith("OK"), output
+
+
+def test_with_a_dqs_key_the_dqs_zone_is_asked_and_the_key_is_never_shown(lab: state.LabInfo) -> None:
+    """With spamhausDqsKey set, the check asks Spamhaus's DQS zones (KEY.zen.dq.spamhaus.net),
+    which answer from any resolver: a listing there fails; the public zone is not asked."""
+    key = "labdqskey" + os.urandom(8).hex()  # made up here; a real key comes from the stack's secrets
+    reversed_v4 = ".".join(reversed(DROPLET_IPV4.split(".")))
+    listed = f"{reversed_v4}.{key}.zen.dq.spamhaus.net. 300 IN A 127.0.0.2"
+    public = f"{reversed_v4}.zen.spamhaus.org. 300 IN A 127.0.0.4"  # must not be what is read
+    with zone_changed(lab, add=f"{listed}\n{public}"):
+        code, output = run_check("--only", "blocklists", "--set", f"spamhausDqsKey={key}")
+    assert code == 2, output
+    line = entry(output, "blocklists", f"IPv4 {DROPLET_IPV4} on Spamhaus ZEN (DQS)")
+    assert line.startswith("FAILURE") and "listed (127.0.0.2)" in line, line
+    domain = parse_settings(stack_config(lab.stack, lab.overrides)).domain
+    assert entry(output, "blocklists", f"{domain} on the Spamhaus DBL").startswith("OK"), output
+    assert key not in output
