@@ -135,6 +135,18 @@ def test_a_removed_record_fails_with_the_record_to_set(lab: state.LabInfo) -> No
     assert "fix: set the record `example.net MX 10 mail.example.net.` at Cloudflare" in line
 
 
+def test_a_caa_record_naming_another_ca_fails(lab: state.LabInfo) -> None:
+    """Someone allowed another CA (and not the configured one): Let's Encrypt would refuse to renew."""
+    with zone_changed(lab, add='example.net. 3600 IN CAA 0 issue "sectigo.com"', remove='CAA 0 issue "example.com"'):
+        code, output = run_check("--only", "dns")
+    assert code == 2
+    line = entry(output, "dns", "CAA example.net")
+    assert line.startswith(
+        'FAILURE  dns        CAA example.net: 0 issue "example.com" expected (it has 0 issue "sectigo.com")'
+    ), line
+    assert 'fix: set the record `example.net CAA 0 issue "example.com"` at Cloudflare' in line
+
+
 def test_a_changed_dkim_record_fails_showing_what_it_has(lab: state.LabInfo) -> None:
     old = 'mail._domainkey.example.net. 300 IN TXT "v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAold"'
     with zone_changed(lab, add=old, remove="mail._domainkey.example.net."):
