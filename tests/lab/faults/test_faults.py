@@ -13,6 +13,7 @@ Run one test alone against a running lab: `python -m infra lab up`, then
 from __future__ import annotations
 
 import email
+import email.utils
 import threading
 import time
 from collections.abc import Iterator
@@ -171,6 +172,28 @@ def test_a_message_offered_again_after_its_delivery_is_stored_once(lab: LabInfo)
     for o, m in other:
         send(o, m)
     assert_each_stored_once(lab, [outcome, *(o for o, _ in other)])
+
+
+def test_a_decoy_with_a_real_messages_message_id_does_not_suppress_the_real_one(lab: LabInfo) -> None:
+    """Message-IDs are no secret (every reply quotes them in References): a message sent first
+    with a real message's Message-ID, but its own Date, Subject and body, is not taken for a
+    repeat of it, so the real one still arrives; a true repeat of either is still stored once."""
+    user, password = alice(lab)
+    real = message(f"dana@{REMOTE_DOMAIN}", user, "the real one", "The real message.\n")
+    decoy = message(f"dana@{REMOTE_DOMAIN}", user, "a decoy", "Not the real message.\n")
+    decoy.replace_header("Date", email.utils.formatdate(time.time() - 3600))
+    decoy.replace_header("Message-ID", real["Message-ID"])
+    for msg in (decoy, real, real):
+        sent = send(Outcome(msg["Message-ID"]), msg)
+        assert sent.replies == [250], sent.replies
+    wait_for(lambda: mailbox_ids(user, password)[real["Message-ID"]] >= 2, 60, 1, "the decoy and the real one")
+    other = inbound("after the decoy", user, 1)  # delivered after the repeat: its copy had its chance
+    for o, m in other:
+        send(o, m)
+    assert_each_stored_once(lab, [o for o, _ in other])
+    subjects = sorted(str(m["Subject"]) for m in fetch_all(user, password) if m["Message-ID"] == real["Message-ID"])
+    assert subjects == ["a decoy", "the real one"]
+    assert mailbox_ids(user, password)[real["Message-ID"]] == 2
 
 
 # --- daemons stopped and restarted under load ---------------------------------------------------
