@@ -23,7 +23,6 @@ lab). Results: `<out>/<UTC>-backup.json` and the key "backup-<spam filter>" of `
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import imaplib
 import json
@@ -31,11 +30,10 @@ import random
 import shlex
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.mailstack import realistic
-from bench.program import DEFAULT_OUT, record
+from bench.program import bench_parser, record
 from infra.core.backup import BACKUP_PATH, BACKUP_RESULT
 from infra.core.facts import IMAPS_PORT, MAIL_DIR
 from infra.lab import deploy, host, network, state
@@ -177,10 +175,8 @@ def _run_sizes(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.backup", description=__doc__.splitlines()[0])
+    parser = bench_parser("backup", __doc__, "a few messages, for the smoke test")
     parser.add_argument("--messages", type=int, default=1000, help="messages in the mailbox (default 1000)")
-    parser.add_argument("--quick", action="store_true", help="a few messages, for the smoke test")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
     args = parser.parse_args(argv)
     running = (state.STATE_DIR / "lab.json").exists()
     info = LabInfo.load() if running else deploy.up("dev")

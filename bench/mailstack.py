@@ -32,7 +32,6 @@ keys "spamassassin", "rspamd", "floor" of `<out>/latest.json`. No figure is chec
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import email.message
 import email.utils
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import floor
-from bench.program import DEFAULT_OUT, record
+from bench.program import bench_parser, record
 from infra.core.facts import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT
 from infra.core.stack import stack_config
 from infra.lab import deploy, host, network
@@ -506,11 +505,9 @@ def summarize(figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.mailstack", description=__doc__.splitlines()[0])
+    parser = bench_parser("mailstack", __doc__, "a few messages of each, for the smoke test")
     parser.add_argument("--modes", default=",".join(MODES), help="spam filter modes (default: both)")
     parser.add_argument("--messages", type=int, default=200, help="messages for the latency figures (default 200)")
-    parser.add_argument("--quick", action="store_true", help="a few messages of each, for the smoke test")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
     args = parser.parse_args(argv)
     messages = 3 if args.quick else args.messages
     sizes = {"c1": 5, "c4": 8, "c16": 16} if args.quick else {"c1": 200, "c4": 400, "c16": 800}

@@ -44,6 +44,17 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
+
+
+def bench_parser(module: str, doc: str | None, quick: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: its own options are added to --quick (QUICK says what it runs)
+    and --out, which every benchmark takes."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
+    return parser
+
+
 STACKS = ("dev", "prod")
 # What the program imports, in this order; each entry's time excludes the entries before it.
 # The provider SDKs load their submodules lazily, on first attribute access: the submodules the
@@ -250,10 +261,8 @@ def record(out_dir: Path, figures: dict[str, Any], now: dt.datetime, name: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.program", description=__doc__.splitlines()[0])
+    parser = bench_parser("program", __doc__, "one run of each, for the smoke test")
     parser.add_argument("--runs", type=int, default=5, help="runs per measurement (default 5)")
-    parser.add_argument("--quick", action="store_true", help="one run of each, for the smoke test")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
     args = parser.parse_args(argv)
     runs = 1 if args.quick else args.runs
     if runs < 1:

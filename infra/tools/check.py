@@ -93,23 +93,22 @@ class Target:
         )
 
 
+def _pulumi(argv: Sequence[str], needs: str) -> str:
+    """What the Pulumi CLI prints for ARGV (on a pipe); NEEDS says what the check wanted of it."""
+    if shutil.which("pulumi") is None:
+        raise CheckError(f"{needs} needs the Pulumi CLI, which is not installed (https://www.pulumi.com/docs/install/)")
+    done = subprocess.run(["pulumi", *argv], capture_output=True, text=True, check=False, timeout=120)
+    if done.returncode != 0:
+        raise CheckError(f"pulumi {' '.join(argv)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
 def stack_outputs(stack: str) -> dict[str, Any]:
     """`pulumi stack output --json` (plain outputs only: none of them is a secret)."""
-    if shutil.which("pulumi") is None:
-        raise CheckError(
-            "check reads the stack's outputs with the Pulumi CLI, which is not installed "
-            "(https://www.pulumi.com/docs/install/); or pass --outputs FILE"
-        )
-    done = subprocess.run(
-        ["pulumi", "stack", "output", "--json", "--stack", stack],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
+    text = _pulumi(
+        ["stack", "output", "--json", "--stack", stack], "reading the stack's outputs (or pass --outputs FILE)"
     )
-    if done.returncode != 0:
-        raise CheckError(f"pulumi stack output --stack {stack} failed: {done.stderr.strip()}")
-    outputs: dict[str, Any] = json.loads(done.stdout)
+    outputs: dict[str, Any] = json.loads(text)
     return outputs
 
 
@@ -120,21 +119,10 @@ SECRETS_USED = ("spamhausDqsKey",)
 def stack_secret(stack: str, key: str) -> str:
     """A setting the stack holds encrypted, decrypted by the Pulumi CLI (`pulumi config get`);
     it travels on a pipe, never on a command line, and is never printed."""
-    if shutil.which("pulumi") is None:
-        raise CheckError(
-            f"the stack holds {key} encrypted, and reading it needs the Pulumi CLI, which is not "
-            "installed (https://www.pulumi.com/docs/install/)"
-        )
-    done = subprocess.run(
-        ["pulumi", "config", "get", f"{PROJECT}:{key}", "--stack", stack],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
+    text = _pulumi(
+        ["config", "get", f"{PROJECT}:{key}", "--stack", stack], f"the stack holds {key} encrypted: reading it"
     )
-    if done.returncode != 0:
-        raise CheckError(f"pulumi config get {key} --stack {stack} failed: {done.stderr.strip()}")
-    return done.stdout.rstrip("\n")
+    return text.rstrip("\n")
 
 
 def _resolver(target: Target) -> Any:

@@ -260,7 +260,7 @@ def test_check_without_the_pulumi_cli_says_why_it_cannot_read_an_encrypted_dqs_k
     outputs.write_text('{"ipv4": "203.0.113.10", "ipv6": "2001:db8::10"}')
     assert main(["check", "--stack", "dev", "--outputs", str(outputs), "--no-ssh", "--only", "dns"]) == 3
     err = capsys.readouterr().err
-    assert "the stack holds spamhausDqsKey encrypted, and reading it needs the Pulumi CLI" in err
+    assert "the stack holds spamhausDqsKey encrypted: reading it needs the Pulumi CLI" in err
 
 
 def test_encrypted_keys_are_the_stack_files_secure_values(tmp_path: Path) -> None:
