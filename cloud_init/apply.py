@@ -165,6 +165,7 @@ class Plan:
     daemons: tuple[Daemon, ...]
     packages: tuple[str, ...]
     absent_packages: tuple[str, ...]
+    debconf: tuple[str, ...] = ()
 
 
 def parse(raw: bytes) -> Plan:
@@ -200,7 +201,11 @@ def parse(raw: bytes) -> Plan:
             raise BundleError(f"{name!r} is not a Debian package name")
     if set(packages) & set(absent):
         raise BundleError(f"packages both wanted and unwanted: {', '.join(sorted(set(packages) & set(absent)))}")
-    return Plan(files, daemons, packages, absent)
+    debconf = _strings(doc.get("debconf", []), "debconf")
+    for line in debconf:
+        if len(line.split()) < 3 or "\n" in line or not PACKAGE_NAME.fullmatch(line.split()[0]):
+            raise BundleError(f"{line!r} is not a debconf selection (PACKAGE QUESTION TYPE [VALUE])")
+    return Plan(files, daemons, packages, absent, debconf)
 
 
 def _file(entry: object) -> File:
@@ -272,6 +277,8 @@ def apply(plan: Plan, root: Path) -> tuple[dict[str, Any], list[str]]:
     env = command_env(root)
     # Survey: the packages first (they create the daemons' users), then what must change on disk.
     missing, present = package_work(plan, env)
+    if missing:
+        preseed(plan.debconf, env)
     install_packages(missing, env)
     ids = known_owners(plan, root)
     previously, pending = read_state(root)
@@ -352,6 +359,16 @@ def is_installed(name: str, env: dict[str, str]) -> bool:
     if status == 127:
         raise ApplyError(output.strip())
     return status == 0 and any(line.endswith(" installed") for line in output.splitlines())
+
+
+def preseed(selections: tuple[str, ...], env: dict[str, str]) -> None:
+    """The packages' install questions answered first (a noninteractive install takes defaults)."""
+    if not selections:
+        return
+    tool = os.environ.get("MAILROOM_DEBCONF_SET_SELECTIONS", "debconf-set-selections")
+    status, output = run([tool], env, stdin="".join(f"{line}\n" for line in selections))
+    if status != 0:
+        raise ApplyError(failure("answering the packages' install questions", status, output))
 
 
 def install_packages(missing: list[str], env: dict[str, str]) -> None:
@@ -885,12 +902,12 @@ def shell(command: str, env: dict[str, str]) -> tuple[int | None, str]:
     return run(["/bin/sh", "-c", command], env)
 
 
-def run(argv: list[str], env: dict[str, str]) -> tuple[int | None, str]:
+def run(argv: list[str], env: dict[str, str], stdin: str | None = None) -> tuple[int | None, str]:
     """(exit status or None on timeout, combined output); the whole process group dies on timeout."""
     try:
         process = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -901,7 +918,7 @@ def run(argv: list[str], env: dict[str, str]) -> tuple[int | None, str]:
     except OSError as exc:
         return 127, f"cannot run {argv[0]}: {exc.strerror}\n"
     try:
-        output, _ = process.communicate(timeout=COMMAND_TIMEOUT)
+        output, _ = process.communicate(stdin, timeout=COMMAND_TIMEOUT)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

@@ -73,6 +73,8 @@ class Bundle:
     # rspamd, installs its packages) and those that must be absent (SpamAssassin under rspamd).
     packages: tuple[str, ...] = ()
     absent_packages: tuple[str, ...] = ()
+    # debconf-set-selections lines, given before the packages are installed.
+    debconf: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         """The canonical form sent to the server (sorted, stable: equal bundles, equal text)."""
@@ -82,6 +84,7 @@ class Bundle:
             "services": [asdict(s) for s in self.services],
             "packages": sorted(self.packages),
             "absent_packages": sorted(self.absent_packages),
+            "debconf": list(self.debconf),
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 

@@ -34,6 +34,9 @@ class Mode:
     services: tuple[Service, ...] = ()
     # Destination path -> who may read it, for the files of this mode that hold a secret.
     secret_files: Mapping[str, Owner] = field(default_factory=dict)
+    # Answers to its packages' install questions (debconf-set-selections lines), given before
+    # any package is installed: a noninteractive install otherwise takes each default.
+    debconf: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ SPAMD_USER = "debian-spamd"
 # Postfix's group may enter.
 RSPAMD_MILTER = "rspamd/milter.sock"
 OPENDKIM_MILTER = "opendkim/opendkim.sock"
+OPENDMARC_MILTER = "opendmarc/opendmarc.sock"
 SPAMASS_MILTER = "spamass/spamass.sock"
 
 
@@ -145,9 +149,11 @@ SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
     SpamFilter.SPAMASSASSIN: SpamFilterMode(
         layers=("spamassassin",),
         # SpamAssassin's SPF and DMARC plugins (loaded by default) stay silent without these modules.
+        # OpenDMARC applies the sender domain's DMARC policy at SMTP time (SpamAssassin only scores).
         packages=(
             "opendkim",
             "opendkim-tools",
+            "opendmarc",
             "spamassassin",
             "spamd",
             "spamass-milter",
@@ -167,6 +173,18 @@ SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
                 restart="systemctl restart opendkim",
                 units=("opendkim",),
             ),
+            milter_service(
+                "opendmarc",
+                ("/etc/opendmarc.conf",),
+                OPENDMARC_MILTER,
+                owner="opendmarc",
+                # setgid postfix, as OpenDKIM's: Postfix's group opens the socket (UMask 007).
+                mode="2750",
+                check="opendmarc -n -c /etc/opendmarc.conf",
+                # A restart: OpenDMARC re-reads its configuration on USR1, but not its socket.
+                restart="systemctl restart opendmarc",
+                units=("opendmarc",),
+            ),
             Service(
                 "spamassassin",
                 ("/etc/spamassassin/", "/etc/default/spamd", "/etc/default/spamass-milter"),
@@ -180,7 +198,8 @@ SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
         secret_files={"/etc/opendkim/keys/{selector}.private": (0o600, "opendkim", "opendkim")},
         dkim_key="/etc/opendkim/keys/{selector}.private",
         milters={
-            "smtpd_milters": f"unix:{OPENDKIM_MILTER}, unix:{SPAMASS_MILTER}",
+            # OpenDMARC after OpenDKIM, whose Authentication-Results (the DKIM verdict) it reads.
+            "smtpd_milters": f"unix:{OPENDKIM_MILTER}, unix:{OPENDMARC_MILTER}, unix:{SPAMASS_MILTER}",
             "non_smtpd_milters": f"unix:{OPENDKIM_MILTER}",
             "submission_milters": f"unix:{OPENDKIM_MILTER}",
         },
@@ -253,6 +272,9 @@ WEBMAIL: Mapping[bool, Mode] = {
     True: Mode(
         layers=("webmail",),
         packages=("roundcube-core", "roundcube-sqlite3", "php-fpm"),
+        # SQLite, as roundcube-sqlite3 provides: once another package has brought dbconfig-mysql
+        # (OpenDMARC does), dbconfig-common's default would be MySQL, which is not installed.
+        debconf=("roundcube-core roundcube/database-type select sqlite3",),
         services=(
             Service(
                 "roundcube",
@@ -316,6 +338,12 @@ def absent_packages(settings: Settings) -> tuple[str, ...]:
     others = [mode for mode in every if all(mode is not p for p in picked)]
     wanted = packages(settings)
     return tuple(p for mode in others for p in mode.packages if p not in wanted)
+
+
+def debconf_selections(settings: Settings | None = None) -> tuple[str, ...]:
+    """The install answers of the chosen modes (of every mode without SETTINGS, as the lab's image holds them all)."""
+    modes = chosen(settings) if settings else (*SPAM_FILTERS.values(), WEBMAIL[True], *RELAYS.values(), BACKUPS[True])
+    return tuple(line for mode in modes for line in mode.debconf)
 
 
 def every_package() -> tuple[str, ...]:

@@ -30,11 +30,13 @@ from infra.core.modes import (
     COMMON_SECRET_FILES,
     JSON_PROBE,
     OPENDKIM_MILTER,
+    OPENDMARC_MILTER,
     RSPAMD_MILTER,
     SPAMD_USER,
     Owner,
     absent_packages,
     chosen,
+    debconf_selections,
     packages,
 )
 from infra.core.settings import MESSAGE_MB_RANGE, Settings
@@ -154,6 +156,7 @@ def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
         "backup_secret_access_key": secrets.backup_secret_access_key,
         **milters(settings),
         "opendkim_socket": f"{QUEUE_DIR}/{OPENDKIM_MILTER}",
+        "opendmarc_socket": f"{QUEUE_DIR}/{OPENDMARC_MILTER}",
         "rspamd_socket": f"{QUEUE_DIR}/{RSPAMD_MILTER}",
     }
 
@@ -328,4 +331,5 @@ def render_bundle(settings: Settings, secrets: ServerSecrets, facts: Facts) -> B
         services=services(settings),
         packages=packages(settings),
         absent_packages=absent_packages(settings),
+        debconf=debconf_selections(settings),
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 
 from infra.core.facts import BOOTSTRAP_MARKER, CLOUD_INIT, MAIL_DIR, MOUNT_VOLUME_SCRIPT
-from infra.core.modes import packages
+from infra.core.modes import debconf_selections, packages
 from infra.core.settings import Settings
 
 VOLUME_LABEL = "mailroom"
@@ -80,5 +80,6 @@ def render_user_data(settings: Settings) -> str:
             mount_volume_script=render_mount_volume_script(settings),
             bootstrap_marker=BOOTSTRAP_MARKER,
             packages=packages(settings),
+            debconf=debconf_selections(settings),
         )
     )

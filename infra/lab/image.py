@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from infra.core.modes import every_package
+from infra.core.modes import debconf_selections, every_package
 
 CACHE = Path(os.environ.get("MAILROOM_LAB_CACHE", "/var/cache/mailroom-lab"))
 SUITE = "bookworm"
@@ -26,6 +26,8 @@ SYSTEM = (
     "locales", "sudo", "iproute2", "ca-certificates", "openssl", "procps", "cron", "less", "psmisc",
 )  # fmt: skip
 MAIL_STACK = (*every_package(), "php-cli")
+# The install questions' answers, as cloud-init's bootcmd and the apply script give them first.
+PRESEED = debconf_selections()
 
 
 def configured_mirror() -> str:
@@ -70,7 +72,7 @@ def remove_image(directory: Path) -> None:
 
 
 def image_key() -> str:
-    listing = "\n".join([SUITE, *SYSTEM, *MAIL_STACK])
+    listing = "\n".join([SUITE, *SYSTEM, *MAIL_STACK, *PRESEED])
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
@@ -78,9 +80,9 @@ def image_root() -> Path:
     return CACHE / image_key() / "root"
 
 
-def _chroot(root: Path, *argv: str) -> None:
+def _chroot(root: Path, *argv: str, stdin: str | None = None) -> None:
     env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-    subprocess.run(["chroot", str(root), *argv], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["chroot", str(root), *argv], check=True, env=env, stdout=subprocess.DEVNULL, input=stdin, text=True)
 
 
 def build_image(log: bool = True) -> Path:
@@ -120,6 +122,7 @@ def _build_image(log: bool) -> Path:
         subprocess.run(["mount", "--bind", f"/{mount}", str(root / mount)], check=True)
     try:
         _chroot(root, "apt-get", "update", "-qq")
+        _chroot(root, "debconf-set-selections", stdin="".join(f"{line}\n" for line in PRESEED))
         _chroot(root, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *MAIL_STACK)
     finally:
         for mount in ("dev", "sys", "proc"):

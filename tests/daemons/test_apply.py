@@ -487,6 +487,35 @@ def test_a_failed_reload_keeps_the_unwanted_packages_for_the_next_apply(root: Pa
     assert summary(apply(bundle, root, fake_apt))["removed_packages"] == ["spamassassin"]
 
 
+def test_install_questions_are_answered_before_packages_are_installed(
+    root: Path, tmp_path: Path, fake_apt: dict[str, str]
+) -> None:
+    """The bundle's debconf selections reach debconf-set-selections on stdin, before apt-get runs,
+    and only when something is to be installed (answers change nothing once a package is there)."""
+    selections = tmp_path / "selections"
+    tool = tmp_path / "debconf-set-selections"
+    tool.write_text(f'#!/bin/sh\ncat >> {selections}\necho "preseed" >> {fake_apt["log"]}\n')
+    tool.chmod(0o755)
+    line = "roundcube-core roundcube/database-type select sqlite3"
+    bundle = Bundle(files=(), packages=("roundcube-core",), debconf=(line,))
+    done = summary(apply(bundle, root, fake_apt, MAILROOM_DEBCONF_SET_SELECTIONS=str(tool)))
+    assert done["installed"] == ["roundcube-core"]
+    assert selections.read_text() == line + "\n"
+    assert [c.split()[0] for c in calls(fake_apt)] == ["preseed", "-o"]  # answered first, then apt-get
+    summary(apply(bundle, root, fake_apt, MAILROOM_DEBCONF_SET_SELECTIONS=str(tool)))
+    assert selections.read_text() == line + "\n"  # nothing to install: not asked again
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["roundcube-core only-two", "Roundcube_Core roundcube/database-type select sqlite3", "a q select x\nb q select y"],
+)
+def test_a_malformed_debconf_selection_is_refused(root: Path, fake_apt: dict[str, str], line: str) -> None:
+    result = apply(Bundle(files=(), packages=("roundcube-core",), debconf=(line,)), root, fake_apt)
+    assert result.returncode != 0 and "is not a debconf selection" in result.stderr
+    assert calls(fake_apt) == []
+
+
 def test_stale_package_lists_are_refreshed_once(root: Path, fake_apt: dict[str, str]) -> None:
     Path(fake_apt["behaviour"]).write_text("stale\n")
     done = summary(apply(Bundle(files=(), packages=("rspamd",)), root, fake_apt))

@@ -89,7 +89,7 @@ def materialize(bundle: Bundle, root: Path) -> Path:
     return root
 
 
-needs = {tool: shutil.which(tool) is not None for tool in ("postfix", "doveconf", "sievec", "opendkim", "spamassassin",
+needs = {tool: shutil.which(tool) is not None for tool in ("postfix", "doveconf", "sievec", "opendkim", "opendmarc", "spamassassin",
          "rspamadm", "nginx", "unbound-checkconf", "fail2ban-client", "shellcheck", "php", "logrotate")}  # fmt: skip
 
 
@@ -165,9 +165,12 @@ def test_submission_ports_require_tls_12_and_authentication(
         assert services[f"{port}/smtpd_tls_security_level"] == "encrypt"
         assert services[f"{port}/smtpd_tls_protocols"] == ">=TLSv1.2"
         assert services[f"{port}/smtpd_sasl_auth_enable"] == "yes"
-        assert services[f"{port}/smtpd_sender_restrictions"] == "reject_sender_login_mismatch"
+        assert services[f"{port}/smtpd_sender_restrictions"] == "$mailroom_submission_senders"
         assert services[f"{port}/smtpd_relay_restrictions"] == "permit_sasl_authenticated,reject"
     assert services["submissions/inet/smtpd_tls_wrappermode"] == "yes"
+    # Each logged-in user sends as their own addresses, never with the null sender (bounces' own).
+    senders = postconf(root)["mailroom_submission_senders"]
+    assert senders.endswith(", reject_sender_login_mismatch") and "{ <> = 553 5.7.1 " in senders
     # Mail from users is signed (OpenDKIM, or rspamd that only signs it) and never passed to the spam milter.
     signer = "unix:opendkim/opendkim.sock" if spam == "spamassassin" else "unix:rspamd/milter.sock"
     for port in ("submission/inet", "submissions/inet"):
@@ -269,6 +272,25 @@ def test_opendkim_accepts_its_configuration_and_key(rendered: Rendered, spam: st
     accepted("opendkim", "-n", "-x", str(root / "etc/opendkim.conf"))
     key = bundle.file("/etc/opendkim/keys/mail.private")
     assert (key.mode, key.owner, key.secret) == (0o600, "opendkim", True)
+
+
+@pytest.mark.daemons
+@skip_without("opendmarc")
+@pytest.mark.parametrize(("spam", "relay", "webmail"), SPAMASSASSIN)
+def test_opendmarc_accepts_its_configuration_and_rejects_as_the_policy_asks(
+    rendered: Rendered, spam: str, relay: str, webmail: bool
+) -> None:
+    settings, bundle, root = rendered[(spam, relay, webmail)]
+    accepted("opendmarc", "-n", "-c", str(root / "etc/opendmarc.conf"))
+    conf = dict(
+        line.split(None, 1) for line in bundle.file("/etc/opendmarc.conf").content.splitlines() if line[:1].isalpha()
+    )
+    assert conf["RejectFailures"] == "true" and conf["SPFSelfValidate"] == "true"
+    assert conf["AuthservID"] == conf["TrustedAuthservIDs"] == settings.host_name
+    # After OpenDKIM (whose verdict it reads), before the spam filter; never on submitted mail.
+    milters = postconf(root)
+    assert milters["smtpd_milters"].split(", ")[:2] == ["unix:opendkim/opendkim.sock", "unix:opendmarc/opendmarc.sock"]
+    assert "opendmarc" not in milters["non_smtpd_milters"]
 
 
 @pytest.mark.daemons

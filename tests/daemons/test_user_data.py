@@ -130,6 +130,24 @@ def test_the_packages_of_the_chosen_modes_come_from_the_distribution(
     assert not [c for c in commands if "curl" in c or "wget" in c]
 
 
+@pytest.mark.daemons
+@pytest.mark.skipif(shutil.which("debconf-set-selections") is None, reason="debconf is not installed")
+def test_webmail_answers_roundcubes_database_question_before_the_packages(tmp_path: Path) -> None:
+    """With OpenDMARC (SpamAssassin mode) dbconfig-mysql is installed too, and dbconfig-common would
+    set Roundcube up for a MySQL that is not there: bootcmd, which runs before cloud-init installs
+    packages, answers SQLite first, in a form debconf-set-selections checks and accepts."""
+    with_webmail = cloud_config(settings_for(spamFilter="spamassassin", webmail=True))
+    (command,) = with_webmail["bootcmd"]
+    assert command.startswith("debconf-set-selections <<'EOF'\n")
+    lines = command.splitlines()[1:-1]
+    assert lines == ["roundcube-core roundcube/database-type select sqlite3"]
+    checked = subprocess.run(
+        ["debconf-set-selections", "--checkonly"], input="\n".join(lines) + "\n", capture_output=True, text=True
+    )
+    assert checked.returncode == 0 and not checked.stderr, checked.stderr
+    assert "bootcmd" not in cloud_config(settings_for(spamFilter="spamassassin", webmail=False))
+
+
 def test_security_upgrades_are_automatic_and_fail2ban_is_enabled() -> None:
     document = cloud_config(settings_for())
     periodic = written(document, "/etc/apt/apt.conf.d/20auto-upgrades")["content"]

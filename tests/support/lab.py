@@ -1,10 +1,13 @@
-"""What every lab test module shares: the marks that select and skip it, the lab's users, and a
-checksum of the host's main.cf."""
+"""What every lab test module shares: the marks that select and skip it, the lab's users, a
+checksum of the host's main.cf, and the lab DNS's zone edited by hand."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +32,26 @@ def main_cf_sum(lab: LabInfo) -> str:
     done = host.guest("sudo md5sum /etc/postfix/main.cf", lab)
     assert done.returncode == 0 and done.stdout.strip(), f"md5sum on the lab host: exit {done.returncode}"
     return done.stdout
+
+
+@contextmanager
+def zone_changed(lab: LabInfo, add: str = "", remove: str = "") -> Iterator[None]:
+    """The lab DNS's zone with a line added or removed, as someone editing records by hand would."""
+    path = Path(lab.zone)
+    original = path.read_text()
+    lines = original.splitlines()
+    if remove:
+        assert any(remove in " ".join(line.split()) for line in lines), remove
+        lines = [line for line in lines if remove not in " ".join(line.split())]
+    _write_zone(path, "\n".join([*lines, add]) + "\n")
+    try:
+        yield
+    finally:
+        _write_zone(path, original)
+
+
+def _write_zone(path: Path, text: str) -> None:
+    before = path.stat().st_mtime_ns
+    path.write_text(text)
+    stamp = max(path.stat().st_mtime_ns, before + 1_000_000)
+    os.utime(path, ns=(stamp, stamp))  # the DNS stand-in re-reads on a changed mtime

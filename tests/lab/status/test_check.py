@@ -27,7 +27,7 @@ from infra.lab.state import STATE_DIR
 from infra.lab.world.pki import LabCA
 from infra.tools.rehearsal import DROPLET_IPV4, DROPLET_IPV6
 from tests.lab.faults.faults import Outcome, flush_queue, queue, relayed_ids, send, set_relay
-from tests.support.lab import LAB_MARKS, alice
+from tests.support.lab import LAB_MARKS, alice, zone_changed
 from tests.support.mail import status_mails
 from tests.support.wait import wait_for
 
@@ -69,29 +69,6 @@ def checked_while(plant: str, undo: str, *groups: str) -> tuple[int, str]:
         return run_check(*(arg for group in groups for arg in ("--only", group)))
     finally:
         on_host(undo)
-
-
-@contextmanager
-def zone_changed(lab: state.LabInfo, add: str = "", remove: str = "") -> Iterator[None]:
-    """The lab DNS's zone with a line added or removed, as someone editing records by hand would."""
-    path = Path(lab.zone)
-    original = path.read_text()
-    lines = original.splitlines()
-    if remove:
-        assert any(remove in " ".join(line.split()) for line in lines), remove
-        lines = [line for line in lines if remove not in " ".join(line.split())]
-    _write_zone(path, "\n".join([*lines, add]) + "\n")
-    try:
-        yield
-    finally:
-        _write_zone(path, original)
-
-
-def _write_zone(path: Path, text: str) -> None:
-    before = path.stat().st_mtime_ns
-    path.write_text(text)
-    stamp = max(path.stat().st_mtime_ns, before + 1_000_000)
-    os.utime(path, ns=(stamp, stamp))  # the DNS stand-in re-reads on a changed mtime
 
 
 @contextmanager
