@@ -24,6 +24,9 @@ ACME_IP, CLOUDFLARE_IP = "203.0.113.14", "203.0.113.16"  # pebble; the Cloudflar
 S3_IP = "203.0.113.18"  # the backup bucket's S3 API (moto)
 CLOUDFLARE_API = "api.cloudflare.com"  # where certbot's dns-cloudflare plugin sends its calls
 REMOTE_DOMAIN = "example.com"  # the outside correspondent's domain, served by the lab DNS
+# The benchmarks' bulk sender: Postfix's smtp-source cannot choose its source address, so its
+# domain's SPF lists the world's first address (which it sends from) and its mail passes DMARC.
+BULK_DOMAIN = f"bulk.{REMOTE_DOMAIN}"
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")

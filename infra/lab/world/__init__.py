@@ -24,6 +24,7 @@ from infra.core.facts import ses_smtp_endpoint
 from infra.core.settings import Settings
 from infra.lab.network import (
     ACME_IP,
+    BULK_DOMAIN,
     CLOUDFLARE_API,
     CLOUDFLARE_IP,
     DNS_IP,
@@ -31,6 +32,7 @@ from infra.lab.network import (
     REMOTE_IP,
     S3_IP,
     SES_IP,
+    WORLD_IPV4,
     WORLD_NS,
 )
 from infra.lab.state import STATE_DIR, secret_file
@@ -85,6 +87,8 @@ def lab_zone(run: OfflineRun) -> str:
         f"mx.{REMOTE_DOMAIN}. 300 IN A {REMOTE_IP}",
         f'{REMOTE_DOMAIN}. 300 IN TXT "v=spf1 ip4:{REMOTE_IP} -all"',
         f'_dmarc.{REMOTE_DOMAIN}. 300 IN TXT "v=DMARC1; p=reject"',
+        f"{BULK_DOMAIN}. 300 IN A {WORLD_IPV4}",
+        f'{BULK_DOMAIN}. 300 IN TXT "v=spf1 ip4:{WORLD_IPV4} -all"',
         f'amazonses.com. 300 IN TXT "v=spf1 ip4:{SES_IP} -all"',
         # DigitalOcean names both of the droplet's addresses after it.
         f"{dns.reversename.from_address(DROPLET_IPV4)} 300 IN PTR {s.host_name}.",
