@@ -525,7 +525,14 @@ def test_mail_forged_from_a_domain_with_dmarc_p_reject_is_refused_at_smtp_time(l
     message_id = new_id("forged")
     mail, rcpt, data = forged(message_id, "forged")
     assert (mail.code, rcpt.code) == (250, 250)
-    assert data.code in (550, 554) and b"5.7.1" in data.text and b"DMARC" in data.text.upper(), str(data)
+    if lab.overrides.get("spamFilter") == "rspamd":
+        # rspamd answers with its one reject text; its log names the DMARC module as the cause.
+        assert (data.code, data.text) == (554, b"554 5.7.1 Spam message rejected"), str(data)
+        token = message_id.strip("<>").split("@")[0]  # forged.<hex>: letters, digits and a dot
+        log = host.guest(f"sudo grep -F {token} /var/log/rspamd/rspamd.log", lab).stdout
+        assert 'forced: reject "Action set by DMARC"' in log, log[-500:]
+    else:
+        assert data.code == 550 and b"5.7.1" in data.text and b"DMARC" in data.text.upper(), str(data)
     assert_still_delivers(lab)
     assert copies(lab, "alice@example.net", message_id, wait=0) == []
     assert not mentions(queued_recipients(lab), "dana@example.com"), "a bounce to the forged sender waits in the queue"
