@@ -340,13 +340,17 @@ def absent_packages(settings: Settings) -> tuple[str, ...]:
     return tuple(p for mode in others for p in mode.packages if p not in wanted)
 
 
+def _every_mode() -> tuple[Mode, ...]:
+    """Every mode that brings something (the lab's image holds them all: a mode switch finds them)."""
+    return (*SPAM_FILTERS.values(), WEBMAIL[True], *RELAYS.values(), BACKUPS[True])
+
+
 def debconf_selections(settings: Settings | None = None) -> tuple[str, ...]:
-    """The install answers of the chosen modes (of every mode without SETTINGS, as the lab's image holds them all)."""
-    modes = chosen(settings) if settings else (*SPAM_FILTERS.values(), WEBMAIL[True], *RELAYS.values(), BACKUPS[True])
+    """The install answers of the chosen modes (of every mode without SETTINGS)."""
+    modes = chosen(settings) if settings else _every_mode()
     return tuple(line for mode in modes for line in mode.debconf)
 
 
 def every_package() -> tuple[str, ...]:
-    """What any mode may need (the lab's image holds them all: a mode switch finds its packages)."""
-    modes = [*SPAM_FILTERS.values(), WEBMAIL[True], *RELAYS.values(), BACKUPS[True]]
-    return BASE + tuple(p for mode in modes for p in mode.packages)
+    """What any mode may need."""
+    return BASE + tuple(p for mode in _every_mode() for p in mode.packages)

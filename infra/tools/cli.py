@@ -376,7 +376,8 @@ def check_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             ssh_key = ssh_key or Path(info.key_file)
         else:
             # What the stack holds encrypted, the stand-ins replaced: the real values, from the CLI.
-            held = [k for k in check.SECRETS_USED if k in encrypted_keys(args.stack) and k not in overrides]
+            encrypted = encrypted_keys(args.stack)
+            held = [k for k in check.SECRETS_USED if k in encrypted and k not in overrides]
             if held:
                 real = {k: check.stack_secret(args.stack, k) for k in held}
                 settings = parse_settings(stack_config(args.stack, {**overrides, **real}))

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 from infra.lab import state
-from infra.lab.host import guest
 from infra.lab.mail import find, message, send_inbound
 from infra.lab.network import REMOTE_DOMAIN
-from tests.lab.faults.faults import queue
+from tests.lab.faults.faults import queue, root
 from tests.support.lab import LAB_MARKS
 from tests.support.mail import smtp_reply
 
@@ -22,15 +21,9 @@ USER = "bob@example.net"
 MAILDIRSIZE = "/var/mail/vhosts/example.net/bob/Maildir/maildirsize"
 
 
-def root(command: str) -> str:
-    done = guest(f"sudo sh -c '{command}'")
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def quota_storage(user: str) -> tuple[int, int]:
+def quota_storage(lab: state.LabInfo, user: str) -> tuple[int, int]:
     """(used, limit) of the user's storage quota in KiB, as `doveadm quota get` reports it."""
-    for line in root(f"doveadm quota get -u {user}").splitlines():
+    for line in root(lab, f"doveadm quota get -u {user}").splitlines():
         words = line.split()
         if len(words) >= 5 and words[-4] == "STORAGE":
             return int(words[-3]), int(words[-2])
@@ -38,19 +31,19 @@ def quota_storage(user: str) -> tuple[int, int]:
 
 
 @pytest.fixture
-def full_mailbox() -> Iterator[None]:
+def full_mailbox(lab: state.LabInfo) -> Iterator[None]:
     """bob's mailbox counted over its limit: Dovecot's Maildir++ quota file rewritten to its limits
     line and one usage line of twice the limit (what Dovecot trusts without counting again, while
     the file is fresh); `doveadm quota recalc` counts the real usage again after."""
-    root(f"doveadm quota recalc -u {USER}")  # the file exists, with the limits Dovecot uses
-    _, limit = quota_storage(USER)
-    root(f'limits=$(head -n 1 {MAILDIRSIZE}) && printf "%s\\n{2 * limit * 1024} 1\\n" "$limits" > {MAILDIRSIZE}')
+    root(lab, f"doveadm quota recalc -u {USER}")  # the file exists, with the limits Dovecot uses
+    _, limit = quota_storage(lab, USER)
+    root(lab, f'limits=$(head -n 1 {MAILDIRSIZE}) && printf "%s\\n{2 * limit * 1024} 1\\n" "$limits" > {MAILDIRSIZE}')
     try:
-        used, limit = quota_storage(USER)
+        used, limit = quota_storage(lab, USER)
         assert used > limit, (used, limit)
         yield
     finally:
-        root(f"doveadm quota recalc -u {USER}")
+        root(lab, f"doveadm quota recalc -u {USER}")
 
 
 def test_a_full_mailbox_is_refused_at_rcpt_and_nothing_is_queued_or_bounced(
@@ -65,7 +58,7 @@ def test_a_full_mailbox_is_refused_at_rcpt_and_nothing_is_queued_or_bounced(
 
 
 def test_with_room_again_the_mailbox_takes_mail(lab: state.LabInfo) -> None:
-    used, limit = quota_storage(USER)
+    used, limit = quota_storage(lab, USER)
     assert used < limit
     msg = message(f"dana@{REMOTE_DOMAIN}", USER, "after the quota was freed")
     send_inbound(msg)
