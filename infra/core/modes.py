@@ -92,8 +92,8 @@ BASE = (
 
 # Files of the common layer that hold a secret.
 COMMON_SECRET_FILES: Mapping[str, Owner] = {
-    # postscreen opens it as root, before it drops privileges; the group is a safety margin.
-    "/etc/postfix/dnsbl_reply_map": (0o640, "root", "postfix"),
+    # The Spamhaus DQS key, if any: smtpd opens it as root, before it drops privileges.
+    "/etc/postfix/dqs_clients": (0o640, "root", "postfix"),
     "/etc/dovecot/users": (0o640, "root", "dovecot"),
     "/etc/letsencrypt/mailroom-cloudflare.ini": (0o600, "root", "root"),
 }
@@ -135,6 +135,22 @@ def milter_service(
     )
 
 
+def own_user_milter(name: str, paths: tuple[str, ...], socket: str, check_flags: str) -> Service:
+    """A milter packaged as OpenDKIM and OpenDMARC are: its daemon, unit and user all NAME, its
+    configuration /etc/NAME.conf (checked by `NAME CHECK_FLAGS` on it), its socket made with
+    UMask 007 in a directory setgid postfix, so Postfix's group opens it."""
+    return milter_service(
+        name,
+        paths,
+        socket,
+        owner=name,
+        mode="2750",
+        check=f"{name} {check_flags} /etc/{name}.conf",
+        restart=f"systemctl restart {name}",
+        units=(name,),
+    )
+
+
 def until_listening(milter: str, seconds: int = 30) -> str:
     """A shell command that returns once a milter answers on its socket (MILTER: relative to
     Postfix's queue; a unit's restart returns before its daemon listens): the filter is up before
@@ -161,30 +177,10 @@ SPAM_FILTERS: Mapping[SpamFilter, SpamFilterMode] = {
             "libmail-dmarc-perl",
         ),
         services=(
-            milter_service(
-                "opendkim",
-                ("/etc/opendkim.conf", "/etc/opendkim/"),
-                OPENDKIM_MILTER,
-                owner="opendkim",
-                # setgid postfix: the socket OpenDKIM makes there (UMask 007) is Postfix's group's.
-                mode="2750",
-                check="opendkim -n -x /etc/opendkim.conf",
-                # A restart: OpenDKIM re-reads keys on reload, but not its socket.
-                restart="systemctl restart opendkim",
-                units=("opendkim",),
-            ),
-            milter_service(
-                "opendmarc",
-                ("/etc/opendmarc.conf",),
-                OPENDMARC_MILTER,
-                owner="opendmarc",
-                # setgid postfix, as OpenDKIM's: Postfix's group opens the socket (UMask 007).
-                mode="2750",
-                check="opendmarc -n -c /etc/opendmarc.conf",
-                # A restart: OpenDMARC re-reads its configuration on USR1, but not its socket.
-                restart="systemctl restart opendmarc",
-                units=("opendmarc",),
-            ),
+            # A restart on a change: OpenDKIM re-reads its keys on reload and OpenDMARC its
+            # configuration on USR1, but neither re-opens its socket.
+            own_user_milter("opendkim", ("/etc/opendkim.conf", "/etc/opendkim/"), OPENDKIM_MILTER, "-n -x"),
+            own_user_milter("opendmarc", ("/etc/opendmarc.conf",), OPENDMARC_MILTER, "-n -c"),
             Service(
                 "spamassassin",
                 ("/etc/spamassassin/", "/etc/default/spamd", "/etc/default/spamass-milter"),

@@ -49,13 +49,10 @@ REDIS_MAX_MEMORY = "64mb"
 LOGROTATE_CAP = "/etc/logrotate.d/00-mailroom"
 # Blocklists postscreen scores clients against (weights: a listing of weight 3 is enough).
 DNSBL_SITES = ("zen.spamhaus.org=127.0.0.[2..11]*3", "bl.spamcop.net*2", "b.barracudacentral.org=127.0.0.2*2")
-DQS_ZONE = "{key}.zen.dq.spamhaus.net"
-DQS_FILTER = "=127.0.0.[2..11]*3"
-PUBLIC_ZEN = "zen.spamhaus.org"
-
-# main.cf holds the Spamhaus DQS key (postscreen_dnsbl_sites) when one is set. Postfix's daemons
-# read it as root; only local users running sendmail themselves lose it, and they have no mail here.
-MAIN_CF_WITH_KEY: tuple[str, Owner] = ("/etc/postfix/main.cf", (0o640, "root", "postfix"))
+# With a Spamhaus DQS key, ZEN is asked at its DQS zone by smtpd, not by postscreen: the key stays
+# in a root-only map (/etc/postfix/dqs_clients) that smtpd opens as root. main.cf must stay readable by every
+# local user who runs sendmail: vmail does, for Sieve's redirects and vacation replies.
+DQS_ZONE = "{key}.zen.dq.spamhaus.net=127.0.0.[2..11]"
 
 POSTFIX_MAPS = ("virtual_mailboxes", "virtual_aliases", "sender_logins")
 # The jails of fail2ban/jail.d/mailroom.conf (the status check expects each running).
@@ -93,30 +90,23 @@ def certificate_names(settings: Settings) -> list[str]:
     return [settings.host_name, f"mta-sts.{settings.domain}", f"autoconfig.{settings.domain}"]
 
 
-def dnsbl(settings: Settings) -> tuple[list[str], list[tuple[str, str]]]:
-    """postscreen's blocklists, and the names it shows instead of those that hold a key."""
-    sites = list(DNSBL_SITES)
-    shown: list[tuple[str, str]] = []
-    if settings.spamhaus_dqs_key:
-        # Spamhaus answers DQS queries from any resolver; the public zone is then dropped.
-        queried = DQS_ZONE.format(key=settings.spamhaus_dqs_key.reveal())
-        sites[0] = queried + DQS_FILTER
-        shown.append((queried, PUBLIC_ZEN))
-    return sites, shown
+def dnsbl(settings: Settings) -> tuple[list[str], str]:
+    """postscreen's blocklists, and the DQS zone smtpd asks (empty without a DQS key)."""
+    if not settings.spamhaus_dqs_key:
+        return list(DNSBL_SITES), ""
+    # ZEN alone (weight 3) was enough to refuse; the lesser lists keep needing each other.
+    return list(DNSBL_SITES[1:]), DQS_ZONE.format(key=settings.spamhaus_dqs_key.reveal())
 
 
 def secret_files(settings: Settings) -> dict[str, Owner]:
     """Destination path -> (mode, owner, group) of every file that holds a secret."""
     tables = [COMMON_SECRET_FILES, *(mode.secret_files for mode in chosen(settings))]
-    paths = {p.format(selector=settings.dkim_selector): v for table in tables for p, v in table.items()}
-    if settings.spamhaus_dqs_key:
-        paths[MAIN_CF_WITH_KEY[0]] = MAIN_CF_WITH_KEY[1]
-    return paths
+    return {p.format(selector=settings.dkim_selector): v for table in tables for p, v in table.items()}
 
 
 def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
     names = certificate_names(settings)
-    sites, shown = dnsbl(settings)
+    sites, dqs_zone = dnsbl(settings)
     return {
         "host_name": settings.host_name,
         "domain": settings.domain,
@@ -130,7 +120,7 @@ def context(settings: Settings, secrets: ServerSecrets) -> dict[str, Any]:
         "aliases": settings.aliases,
         "sender_logins": sender_logins(settings),
         "dnsbl_sites": ", ".join(sites),
-        "dnsbl_reply_map": shown,
+        "dqs_zone": dqs_zone,
         "spam_filter": settings.spam_filter.value,
         "relay_snippet": f"{chosen(settings)[1].layers[0]}/{RELAY_PART}",
         "relay_host": relay_host(settings),

@@ -364,14 +364,16 @@ class _Parser:
             self.problem(key, value, f"not {what}; accepted: {', '.join(sorted(allowed))}")
         return value
 
-    def address(self, key: str, value: str, *, in_domain: str | None = None) -> str:
+    def address(
+        self, key: str, value: str, *, in_domain: str | None = None, outside: str = "outside the mail domain"
+    ) -> str:
         parts = _address_parts(value.lower())
         if parts is None:
             self.problem(
                 key, value, "not an e-mail address mailroom accepts (local@domain.tld; letters, digits, . _ % + = -)"
             )
         elif in_domain is not None and parts[1] != in_domain:
-            self.problem(key, value, f"outside the mail domain; accepted: addresses @{in_domain}")
+            self.problem(key, value, f"{outside}; accepted: addresses @{in_domain}")
         return value.lower()
 
 
@@ -500,6 +502,16 @@ def _parse_mailboxes(p: _Parser, domain: str, hashes: Mapping[str, Secret]) -> t
     return tuple(mailboxes)
 
 
+# Why an alias cannot point outside the domain: a forwarded message keeps its sender's From, which
+# no relay carries honestly (SES and SMTP2GO refuse a From not of this domain; sent directly it
+# fails the sender's SPF), and each refusal would bounce to a sender who, for spam, is forged.
+FORWARDING_REFUSED = (
+    "outside the mail domain: forwarded mail keeps its sender's From, which the relay refuses (SES, SMTP2GO) "
+    "or the receiver's SPF check fails (direct), and each refusal would bounce to a sender who is often forged; "
+    "to read this mail elsewhere, have that provider fetch it over IMAP"
+)
+
+
 def _parse_aliases(p: _Parser, domain: str, mailboxes: tuple[Mailbox, ...]) -> tuple[Alias, ...]:
     aliases: list[Alias] = []
     for i, line in enumerate(p.strings("aliases")):
@@ -513,7 +525,9 @@ def _parse_aliases(p: _Parser, domain: str, mailboxes: tuple[Mailbox, ...]) -> t
         aliases.append(
             Alias(
                 p.address(key, source.strip(), in_domain=domain),
-                tuple(p.address(key, t.strip()) for t in targets.split(",")),
+                tuple(
+                    p.address(key, t.strip(), in_domain=domain, outside=FORWARDING_REFUSED) for t in targets.split(",")
+                ),
             )
         )
     for box in mailboxes:

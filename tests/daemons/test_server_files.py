@@ -241,6 +241,8 @@ def test_dovecot_accepts_the_configuration(rendered: Rendered, spam: str, relay:
     for folder in ("Drafts", "Sent", "Junk", "Trash", "Archive"):
         assert re.search(rf"mailbox {folder} \{{\s+auto = subscribe\s+special_use = \\{folder}", conf), folder
     assert "imapsieve_mailbox1_name = Junk" in conf
+    # A user's redirect bounces back to the user, never to the (often forged) original sender.
+    assert "sieve_redirect_envelope_from = recipient" in conf and "sieve_max_redirects = 2" in conf
     # No socket any local account may open: LMTP (mail injection) and the userdb (user listing).
     full = run("doveconf", "-c", str(root / "etc/dovecot/dovecot.conf")).stdout
     for listener in ("lmtp", "auth-userdb"):
@@ -504,29 +506,41 @@ def test_every_file_belongs_to_exactly_one_service() -> None:
 
 @pytest.mark.daemons
 @skip_without("postfix")
-def test_postscreen_queries_spamhaus_dqs_without_ever_showing_the_key(tmp_path: Path) -> None:
+def test_with_a_dqs_key_smtpd_asks_the_dqs_zone_from_a_root_only_map(tmp_path: Path) -> None:
+    """The key is never in main.cf, which vmail reads to run sendmail (Sieve's redirects and
+    vacation replies); smtpd asks ZEN's DQS zone through a map only root and Postfix read."""
     settings = settings_for("rspamd", "ses", False, spamhausDqsKey=DQS_KEY)
     bundle = render_bundle(settings, SECRETS, FACTS)
     root = materialize(bundle, tmp_path)
     conf = postconf(root)
-    assert conf["postscreen_dnsbl_sites"].startswith(f"{DQS_KEY}.zen.dq.spamhaus.net=127.0.0.[2..11]*3")
-    assert "zen.spamhaus.org" not in conf["postscreen_dnsbl_sites"]
-    # The name postscreen puts in its 5xx reply, looked up by Postfix itself in the rendered map.
-    reply_map = conf["postscreen_dnsbl_reply_map"].replace("texthash:", "")
-    shown = run("postmap", "-q", f"{DQS_KEY}.zen.dq.spamhaus.net", f"texthash:{reply_map}")
-    assert shown.stdout.strip() == "zen.spamhaus.org", shown.stderr
-    for path in ("/etc/postfix/main.cf", "/etc/postfix/dnsbl_reply_map"):
-        f = bundle.file(path)
-        assert f.secret and f.mode == 0o640 and (f.owner, f.group) == ("root", "postfix"), f
+    main_cf = bundle.file("/etc/postfix/main.cf")
+    assert DQS_KEY not in main_cf.content and not main_cf.secret and main_cf.mode == 0o644
+    # ZEN leaves postscreen; the lesser lists (weight 2 each) still need each other to refuse.
+    assert conf["postscreen_dnsbl_sites"] == "bl.spamcop.net*2, b.barracudacentral.org=127.0.0.2*2"
+    assert conf["postscreen_dnsbl_threshold"] == "3"
+    clients = f"cidr:{root}/etc/postfix/dqs_clients"  # materialized: /etc is under ROOT here
+    assert conf["smtpd_client_restrictions"] == f"permit_mynetworks, check_client_access {clients}"
+    # Every client, IPv4 and IPv6, looked up by Postfix itself in the rendered map.
+    for address in ("198.51.100.7", "2001:db8::7"):
+        found = run("postmap", "-q", address, clients)
+        assert found.stdout.strip() == f"reject_rbl_client {DQS_KEY}.zen.dq.spamhaus.net=127.0.0.[2..11]", found
+    # The reply a refused client reads names the public list, never the zone holding the key.
+    reply = conf["default_rbl_reply"]
+    assert reply.startswith("$rbl_code Service unavailable; $rbl_class [$rbl_what] blocked using zen.spamhaus.org")
+    assert "$rbl_domain" not in reply and "rbl_reason" not in reply
+    f = bundle.file("/etc/postfix/dqs_clients")
+    assert f.secret and f.mode == 0o640 and (f.owner, f.group) == ("root", "postfix"), f
     checked = run("postfix", "-c", str(root / "etc/postfix"), "check")
     assert checked.returncode == 0 and not checked.stderr, checked.stderr
 
 
-def test_without_a_dqs_key_the_public_zone_is_used_and_main_cf_stays_readable() -> None:
+def test_without_a_dqs_key_postscreen_asks_the_public_zone() -> None:
     bundle = render_bundle(settings_for("rspamd", "ses", False), SECRETS, FACTS)
     main_cf = bundle.file("/etc/postfix/main.cf")
     assert "postscreen_dnsbl_sites = zen.spamhaus.org=127.0.0.[2..11]*3" in main_cf.content
+    assert "smtpd_client_restrictions" not in main_cf.content and "default_rbl_reply" not in main_cf.content
     assert not main_cf.secret and main_cf.mode == 0o644
+    assert "reject_rbl_client" not in bundle.file("/etc/postfix/dqs_clients").content
 
 
 @pytest.mark.daemons

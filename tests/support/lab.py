@@ -1,10 +1,11 @@
 """What every lab test module shares: the marks that select and skip it, the lab's users, a
-checksum of the host's main.cf, and the lab DNS's zone edited by hand."""
+checksum of the host's main.cf, the lab DNS's zone edited by hand, and outside addresses added."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from infra.lab import host
+from infra.lab.network import WORLD_LINK, WORLD_NS
 from infra.lab.state import LabInfo
 
 # A module's `pytestmark = LAB_MARKS`: marked `lab`, and skipped where no lab host can boot.
@@ -48,6 +50,17 @@ def zone_changed(lab: LabInfo, add: str = "", remove: str = "") -> Iterator[None
         yield
     finally:
         _write_zone(path, original)
+
+
+@contextmanager
+def world_address(address: str) -> Iterator[str]:
+    """ADDRESS added to the outside world's link, for a client the host has never met."""
+    argv = ["ip", "-n", WORLD_NS, "addr", "add", f"{address}/24", "dev", WORLD_LINK]
+    subprocess.run(argv, check=True, capture_output=True)
+    try:
+        yield address
+    finally:
+        subprocess.run(["ip", "-n", WORLD_NS, "addr", "del", f"{address}/24", "dev", WORLD_LINK], check=False)
 
 
 def _write_zone(path: Path, text: str) -> None:

@@ -210,6 +210,16 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], list[str]]] = [
         ["aliases[0]", "'sales@example.com'", "outside the mail domain"],
     ),
     (
+        "alias forwarding outside the domain",
+        {"aliases": ["billing@example.net: alice@example.net, accounts@example.com"]},
+        [
+            "aliases[0]",
+            "'accounts@example.com'",
+            "forwarded mail keeps its sender's From",
+            "accepted: addresses @example.net",
+        ],
+    ),
+    (
         "alias shadows a mailbox",
         {"aliases": ["bob@example.net: alice@example.net"]},
         ["aliases", "'bob@example.net'", "both a mailbox and an alias"],

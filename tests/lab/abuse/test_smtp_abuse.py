@@ -17,7 +17,6 @@ import imaplib
 import json
 import re
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,10 +29,10 @@ import pytest
 from infra.core.facts import IMAPS_PORT, SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT
 from infra.lab import host, network
 from infra.lab.mail import unverified
-from infra.lab.network import REMOTE_DOMAIN, REMOTE_IP, WORLD_LINK, WORLD_NS
+from infra.lab.network import REMOTE_DOMAIN, REMOTE_IP, WORLD_NS
 from infra.lab.state import LabInfo
 from infra.tools.rehearsal import DROPLET_IPV4
-from tests.support.lab import zone_changed
+from tests.support.lab import world_address, zone_changed
 
 pytestmark = [pytest.mark.lab, pytest.mark.reliability]
 
@@ -565,12 +564,8 @@ PREGREET_SOURCE = "203.0.113.41"  # an address postscreen has never seen pass: i
 @pytest.fixture
 def new_client() -> Iterator[str]:
     """A second outside address on the world link, for a client postscreen meets for the first time."""
-    argv = ["ip", "-n", WORLD_NS, "addr", "add", f"{PREGREET_SOURCE}/24", "dev", WORLD_LINK]
-    subprocess.run(argv, check=True, capture_output=True)
-    try:
-        yield PREGREET_SOURCE
-    finally:
-        subprocess.run(["ip", "-n", WORLD_NS, "addr", "del", f"{PREGREET_SOURCE}/24", "dev", WORLD_LINK], check=False)
+    with world_address(PREGREET_SOURCE) as address:
+        yield address
 
 
 def test_a_client_talking_before_the_greeting_gets_no_mail_in(lab: LabInfo, new_client: str) -> None:
